@@ -1,0 +1,30 @@
+"""Reward-Guided Speculative Decoding (Liao et al. 2025) as a transformers generation mode."""
+
+from .decoding import RSDGenerateOutput, rsd_decode
+from .mixin import RSDGenerationMixin, with_rsd
+from .rewards import QwenPRM, RewardModel, SequenceClassificationRM, ValueHeadPRM, detect_kind, load_reward_model
+from .stats import RSDStats, Step
+from .weighting import WEIGHTINGS, accept, binary, clip, constant, get_weighting, logistic, sigmoidal
+
+__all__ = [
+    "WEIGHTINGS",
+    "QwenPRM",
+    "RSDGenerateOutput",
+    "RSDGenerationMixin",
+    "RSDStats",
+    "RewardModel",
+    "SequenceClassificationRM",
+    "Step",
+    "ValueHeadPRM",
+    "accept",
+    "binary",
+    "clip",
+    "constant",
+    "detect_kind",
+    "get_weighting",
+    "load_reward_model",
+    "logistic",
+    "rsd_decode",
+    "sigmoidal",
+    "with_rsd",
+]

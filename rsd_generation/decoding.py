@@ -1,0 +1,280 @@
+"""The RSD decoding loop (paper, Algorithms 1 and 2), run by `generate` through its `custom_generate` hook."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .kv import RowCache, causal_lm_forward, pad_left
+from .rewards import RewardModel
+from .stats import RSDStats, Step
+from .weighting import Weighting, accept, needs_draw
+
+
+@dataclass
+class RSDGenerateOutput(GenerateDecoderOnlyOutput):
+    """`GenerateDecoderOnlyOutput` plus `rsd_stats` (see `RSDStats.as_dict`)."""
+
+    rsd_stats: dict | None = None
+
+
+@dataclass
+class RSDOptions:
+    """Validated RSD options, bound to the loop by `RSDGenerationMixin.generate`."""
+
+    draft: PreTrainedModel
+    reward_model: RewardModel
+    tokenizer: object
+    omega: Weighting
+    separator: str
+    max_step_tokens: int
+    max_steps: int | None
+    reward_prompts: Sequence[str] | None
+    streamer: object | None
+    generator: torch.Generator | None
+
+
+@dataclass
+class _Sampling:
+    """What both policies share when picking a token."""
+
+    processors: LogitsProcessorList
+    do_sample: bool
+    generator: torch.Generator | None
+    vocab: int  # logits beyond the smaller model's vocabulary (padding rows) are never picked
+    eos: torch.Tensor  # eos: [E]
+    pad: int
+
+
+@dataclass
+class _StepRules:
+    """When a step (and the row) ends, besides EOS."""
+
+    separator: StopStringCriteria
+    max_step_tokens: int
+    user: StoppingCriteriaList
+
+
+def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
+    """Greedy or multinomial choice, as `GenerationMixin._sample` does it: `(R, V)` -> `(R,)`."""
+    if not s.do_sample:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores, -1)
+    return torch.multinomial(probs, 1, generator=s.generator).squeeze(1)
+
+
+def decode_step(
+    cache: RowCache, ctx: torch.Tensor, rows: torch.Tensor, budget: torch.Tensor, s: _Sampling, rules: _StepRules
+) -> tuple[list[list[int]], int, torch.Tensor]:
+    """Let one policy write one step for the selected rows (others only carry masked padding).
+
+    Its queued tokens are fed first (prompt, catch-up or the last committed token). The step's last token stays
+    queued, since the next step (or a rollback) decides whether it is ever needed.
+
+    Args:
+        cache (`RowCache`): the policy's cache.
+        ctx (`torch.LongTensor` of shape `(R, T)`): the committed sequences, left-padded, for logits processors
+            and stopping criteria.
+        rows (`torch.BoolTensor` of shape `(R,)`): rows that write a step.
+        budget (`torch.LongTensor` of shape `(R,)`): new tokens each row may still generate (>= 1 where selected).
+    Returns:
+        the step tokens per row (empty for unselected rows), the first cache column of the step (for rollback),
+        and `(R,)` bools: the step ended by a user stopping criterion.
+    """
+    dev = cache.device
+    rows, budget, ctx = rows.to(dev), budget.to(dev), ctx.to(dev)
+    logits = cache.feed_pending(rows)  # logits: [R, V]
+    start = cache.length
+    alive, user_stop = rows.clone(), torch.zeros_like(rows)  # alive, user_stop: [R]
+    n = torch.zeros_like(budget)  # n: [R], tokens written this step
+    toks: list[torch.Tensor] = []
+    while True:
+        step = torch.stack(toks, 1) if toks else ctx[:, :0]  # step: [R, t]
+        scores = s.processors(torch.cat([ctx, step], 1), logits[:, : s.vocab])  # scores: [R, V]
+        tok = torch.where(alive, _pick(scores, s), s.pad)  # tok: [R]
+        toks.append(tok)
+        n += alive.long()
+        step = torch.stack(toks, 1)
+        ended = torch.isin(tok, s.eos) | (n >= rules.max_step_tokens) | (n >= budget)
+        ended |= rules.separator(step, scores)
+        if len(rules.user):
+            hit = rules.user(torch.cat([ctx, step], 1), scores).to(dev)
+            user_stop |= alive & hit
+            ended |= hit
+        alive &= ~ended
+        if not alive.any():
+            break
+        logits = cache.feed(tok[:, None], alive[:, None])
+    steps = [step[i, :k].tolist() for i, k in enumerate(n.tolist())]
+    for i, sel in enumerate(rows.tolist()):
+        if sel:
+            cache.pending[i] = steps[i][-1:]
+    return steps, start, user_stop.cpu()
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the model's output embedding."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def rsd_decode(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    options: RSDOptions,
+    **model_kwargs,
+) -> RSDGenerateOutput | torch.LongTensor:
+    """Reward-guided speculative decoding of a batch of left-padded prompts.
+
+    For each row and step i: the draft m writes ŷ_i from z_i, the PRM scores r_i = r(ŷ_i | z_i), the step is kept
+    with probability ω(r_i) (Algorithm 2), otherwise the target M writes y_i from z_i. Rows decide and finish on
+    their own; each model's cache is extended, never recomputed.
+
+    Args:
+        model (`PreTrainedModel`): the target M.
+        input_ids (`torch.LongTensor` of shape `(B, P)`): prompts, left-padded.
+        options (`RSDOptions`): draft, reward model and RSD settings.
+    Returns:
+        `RSDGenerateOutput` if `return_dict_in_generate`, else the `(B, P + new)` sequences.
+    """
+    o, target, draft, prm = options, model, options.draft, options.reward_model
+    B, P = input_ids.shape
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)  # all ones: generate dropped it
+    _check_config(generation_config, attention_mask, B, o)
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+    max_new = generation_config.max_length - P
+    eos = generation_config._eos_token_tensor
+    eos = torch.empty(0, dtype=torch.long) if eos is None else eos.reshape(-1).cpu()
+    pad = generation_config._pad_token_tensor
+    pad = int(pad.reshape(-1)[0]) if pad is not None else (int(eos[0]) if len(eos) else 0)
+    s = _Sampling(
+        logits_processor, generation_config.do_sample, o.generator, min(_vocab_size(target), _vocab_size(draft)), eos, pad
+    )
+    user = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    rules = _StepRules(StopStringCriteria(o.tokenizer, [o.separator]), o.max_step_tokens, StoppingCriteriaList(user))
+    problems = list(o.reward_prompts) if o.reward_prompts is not None else o.tokenizer.batch_decode(
+        prompts, skip_special_tokens=True
+    )
+    if o.streamer is not None:
+        o.streamer.put(input_ids.cpu())
+
+    m = RowCache(causal_lm_forward(draft), draft.config, B, draft.get_input_embeddings().weight.device, pad)
+    M = RowCache(causal_lm_forward(target), target.config, B, target.get_input_embeddings().weight.device, pad)
+    m.pending, M.pending = [list(p) for p in prompts], [list(p) for p in prompts]
+    prm.start(problems)
+    stats = RSDStats(steps=[[] for _ in range(B)])
+    out: list[list[int]] = [[] for _ in range(B)]  # committed new tokens per original row
+    rows = torch.arange(B)  # rows: [R], original index of each active row
+
+    while len(rows):
+        R = len(rows)
+        ctx = pad_left([prompts[i] + out[i] for i in rows.tolist()], pad)  # z_i per row: [R, T]
+        budget = torch.tensor([max_new - len(out[i]) for i in rows.tolist()])  # budget: [R]
+        everyone = torch.ones(R, dtype=torch.bool)
+
+        # 1. draft step: ŷ_i ~ m(· | z_i)
+        y_hat, m_start, stop_hat = decode_step(m, ctx, everyone, budget, s, rules)
+        texts = o.tokenizer.batch_decode(y_hat, skip_special_tokens=True)
+
+        # 2. reward: r_i = r(ŷ_i | z_i)
+        r = prm.score(texts)  # r: [R]
+        nan = torch.isnan(r)
+        if nan.any():
+            warnings.warn(f"reward model returned NaN for {int(nan.sum())} step(s); counted as rejections", stacklevel=2)
+
+        # 3. acceptance: keep ŷ_i with probability ω(r_i)
+        omega = o.omega(r.nan_to_num(0.0))  # omega: [R]
+        u = None
+        if needs_draw(omega):
+            u = torch.rand(R, generator=o.generator, device=o.generator.device if o.generator else "cpu").cpu()
+        accepted = accept(omega, u) & ~nan  # accepted: [R]
+
+        # 4. rejected steps: roll the draft back, the target writes y_i ~ M(· | z_i) after catching up
+        rejected = ~accepted
+        m.drop_from(rejected, torch.full((R,), m_start))
+        for j in accepted.nonzero().flatten().tolist():
+            M.pending[j] += y_hat[j]
+        y, stop = list(y_hat), stop_hat
+        if rejected.any():
+            y_tgt, _, stop_tgt = decode_step(M, ctx, rejected, budget, s, rules)
+            for j in rejected.nonzero().flatten().tolist():
+                y[j] = m.pending[j] = y_tgt[j]
+            stop = torch.where(rejected, stop_tgt, stop_hat)
+        tgt_texts = [o.tokenizer.decode(y[j], skip_special_tokens=True) if not a else None for j, a in enumerate(accepted.tolist())]
+        prm.resolve(accepted, tgt_texts)
+
+        # 5. commit
+        done = []
+        for j, i in enumerate(rows.tolist()):
+            stats.steps[i].append(Step(texts[j], len(y_hat[j]), "draft", float(r[j]), bool(accepted[j])))
+            if not accepted[j]:
+                stats.steps[i].append(Step(tgt_texts[j], len(y[j]), "target", None, True))
+            out[i] += y[j]
+            n_steps = sum(st.accepted for st in stats.steps[i])
+            done.append(
+                bool(torch.isin(torch.tensor(y[j][-1:]), eos).any())
+                or len(out[i]) >= max_new
+                or bool(stop[j])
+                or (o.max_steps is not None and n_steps >= o.max_steps)
+            )
+            if o.streamer is not None:
+                o.streamer.put(torch.tensor(y[j]))
+        keep = (~torch.tensor(done)).nonzero().flatten()  # keep: [R']
+        if len(keep) < R:
+            for c in (m, M):
+                c.keep(keep)
+            prm.keep(keep)
+            rows = rows[keep]
+
+    if o.streamer is not None:
+        o.streamer.end()
+    width = max(len(x) for x in out)
+    new = torch.full((B, width), pad, dtype=torch.long)  # new: [B, N]
+    for i, x in enumerate(out):
+        new[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    sequences = torch.cat([input_ids, new.to(input_ids.device)], 1)  # sequences: [B, P + N]
+    if not generation_config.return_dict_in_generate:
+        return sequences
+    stats.prm_calls = prm.calls
+    stats.forward_tokens = {"draft": m.forward_tokens, "target": M.forward_tokens, "reward": prm.forward_tokens}
+    stats.padded_tokens = {"draft": m.padded_tokens, "target": M.padded_tokens, "reward": prm.state.padded_tokens}
+    stats.num_parameters = {"draft": draft.num_parameters(), "target": target.num_parameters(), "reward": prm.num_parameters}
+    return RSDGenerateOutput(sequences=sequences, rsd_stats=stats.as_dict())
+
+
+def _check_config(generation_config: GenerationConfig, attention_mask: torch.Tensor, B: int, o: RSDOptions) -> None:
+    """Refuse settings RSD cannot honour, naming the value."""
+    if generation_config.num_beams and generation_config.num_beams > 1:
+        raise ValueError(f"RSD decodes one sequence per prompt; num_beams must be 1, got {generation_config.num_beams}")
+    if (generation_config.num_return_sequences or 1) > 1:
+        raise ValueError(
+            f"RSD returns one sequence per prompt; num_return_sequences must be 1, got "
+            f"{generation_config.num_return_sequences} (repeat the prompts instead)"
+        )
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("RSD needs left padding, but the attention_mask ends in 0 (right padding); set padding_side='left'")
+    if bool((attention_mask.sum(1) == 0).any()):
+        raise ValueError("every prompt needs at least one token; a row of the attention_mask is all 0")
+    if o.reward_prompts is not None and len(o.reward_prompts) != B:
+        raise ValueError(f"reward_prompts must give one problem per row: got {len(o.reward_prompts)} for {B} rows")
+    if o.streamer is not None and B > 1:
+        raise ValueError(f"a streamer takes one row; got a batch of {B}")
+    for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        if getattr(generation_config, flag, False):
+            warnings.warn(f"{flag} is not supported by RSD and is ignored", stacklevel=3)

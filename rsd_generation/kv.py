@@ -1,0 +1,145 @@
+"""Per-row KV caches for batched RSD.
+
+Rows of a batch accept and reject steps independently, but `DynamicCache.crop` takes one length for all
+rows. `RowCache` keeps one batched `DynamicCache` and a 2-D column mask: a row's discarded positions are
+masked out instead of cropped, and position ids are derived from the mask (the number of valid columns
+before a token), so a row sees exactly the context it would see alone. Keys are stored after RoPE, so a
+masked gap changes nothing in the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+
+# forward(input_ids, attention_mask, position_ids, cache_position, past_key_values, last) -> [R, X]
+Forward = Callable[..., torch.Tensor]
+
+
+class RowCache:
+    """One model's cache over R rows, with per-row masking and a per-row queue of tokens not yet fed.
+
+    Args:
+        forward (`Callable`): runs the model on a chunk and returns one output per row, taken at `last`
+            (the index of each row's last valid token in the chunk), shape `(R, X)`.
+        config: the model config, for `DynamicCache`.
+        batch_size (`int`): R.
+        device (`torch.device`): where the model's inputs live.
+        pad_token_id (`int`): the id written at padded (masked) positions.
+    """
+
+    def __init__(self, forward: Forward, config, batch_size: int, device: torch.device, pad_token_id: int = 0):
+        self.forward = forward
+        self.cache = DynamicCache(config=config)
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # mask: [R, T]
+        self.pending: list[list[int]] = [[] for _ in range(batch_size)]
+        self.forward_tokens = 0  # valid positions processed
+        self.padded_tokens = 0  # masked positions processed alongside them
+
+    @property
+    def length(self) -> int:
+        """Number of cache columns (valid or masked)."""
+        return self.mask.shape[1]
+
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Append one chunk to every row and return the output at each row's last valid token.
+
+        Args:
+            ids (`torch.LongTensor` of shape `(R, L)`): the chunk, right-padded per row.
+            valid (`torch.BoolTensor` of shape `(R, L)`): which chunk positions are real tokens; a row's valid
+                positions come first. Rows with none get garbage outputs.
+        Returns:
+            `torch.Tensor` of shape `(R, X)`.
+        """
+        valid = valid.to(self.device)
+        ids = torch.where(valid, ids.to(self.device), self.pad_token_id)  # ids: [R, L]
+        n = valid.sum(1)  # n: [R]
+        pos = self.mask.sum(1, keepdim=True) + torch.arange(ids.shape[1], device=self.device)  # pos: [R, L]
+        pos = torch.minimum(pos, (self.mask.sum(1) + n - 1).clamp_min(0)[:, None])  # pads repeat the last position
+        mask = torch.cat([self.mask, valid.long()], 1)  # mask: [R, T + L]
+        cache_position = torch.arange(self.length, mask.shape[1], device=self.device)  # [L]
+        last = (n - 1).clamp_min(0)  # last: [R]
+        out = self.forward(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache_position=cache_position,
+            past_key_values=self.cache,
+            last=last,
+        )
+        self.mask = mask
+        total = int(n.sum())
+        self.forward_tokens += total
+        self.padded_tokens += ids.numel() - total
+        return out
+
+    def feed_pending(self, rows: torch.Tensor) -> torch.Tensor:
+        """Feed the queued tokens of the selected rows (`rows`: bool `(R,)`), emptying their queues."""
+        chunks = [p if bool(sel) else [] for p, sel in zip(self.pending, rows.tolist())]
+        for i, sel in enumerate(rows.tolist()):
+            if sel:
+                self.pending[i] = []
+        ids, valid = pad_right(chunks, self.pad_token_id)
+        return self.feed(ids, valid)
+
+    def drop_from(self, rows: torch.Tensor, start: torch.Tensor) -> None:
+        """Mask out, for each selected row, every column from `start[row]` on (a discarded step)."""
+        cols = torch.arange(self.length, device=self.device)[None, :]  # cols: [1, T]
+        drop = rows.to(self.device)[:, None] & (cols >= start.to(self.device)[:, None])  # drop: [R, T]
+        self.mask = self.mask.masked_fill(drop, 0)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only rows `idx` (finished rows leave the batch)."""
+        self.cache.batch_select_indices(idx.to(self.device))
+        self.mask = self.mask[idx.to(self.device)]
+        self.pending = [self.pending[i] for i in idx.tolist()]
+
+
+def pad_right(chunks: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into `(ids, valid)`, both of shape `(R, max(1, longest))`."""
+    width = max(1, max((len(c) for c in chunks), default=1))
+    ids = torch.full((len(chunks), width), pad_token_id, dtype=torch.long)  # ids: [R, L]
+    valid = torch.zeros(len(chunks), width, dtype=torch.bool)  # valid: [R, L]
+    for i, c in enumerate(chunks):
+        ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        valid[i, : len(c)] = True
+    return ids, valid
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+    """Left-pad token lists into one `(R, longest)` tensor (right-aligned, as generate's input_ids are)."""
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # out: [R, T]
+    for i, s in enumerate(seqs):
+        if len(s):
+            out[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def causal_lm_forward(model) -> Forward:
+    """A `RowCache` forward for a causal LM: float32 logits at each row's last valid token, `(R, V)`."""
+
+    def forward(last: torch.Tensor, **inputs) -> torch.Tensor:
+        if inputs["input_ids"].shape[1] == 1:
+            logits = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, 0]  # logits: [R, V]
+        else:
+            keep = torch.unique(last)  # keep: [K], sorted
+            logits = model(**inputs, use_cache=True, logits_to_keep=keep).logits  # logits: [R, K, V]
+            logits = logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)]
+        return logits.float()
+
+    return forward
+
+
+def hidden_forward(backbone) -> Forward:
+    """A `RowCache` forward for a bare backbone: the last hidden state at each row's last valid token, `(R, H)`."""
+
+    def forward(last: torch.Tensor, **inputs) -> torch.Tensor:
+        hidden = backbone(**inputs, use_cache=True).last_hidden_state  # hidden: [R, L, H]
+        return hidden[torch.arange(len(last), device=last.device), last]
+
+    return forward

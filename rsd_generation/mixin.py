@@ -1,0 +1,141 @@
+"""`RSDGenerationMixin`: `generate(..., assistant_model=draft, reward_model=prm)` runs RSD; anything else is stock."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+
+from .decoding import RSDOptions, rsd_decode
+from .rewards import RewardModel
+from .weighting import DEFAULT_THRESHOLD, get_weighting
+
+RSD_KWARGS = (
+    "rsd_threshold",
+    "rsd_weighting",
+    "rsd_weighting_kwargs",
+    "rsd_step_separator",
+    "rsd_max_step_tokens",
+    "rsd_max_steps",
+    "reward_prompts",
+    "rsd_generator",
+)
+# vocabularies that differ by at most this many rows are taken as one tokenizer with padded embeddings
+MAX_VOCAB_PADDING = 1024
+
+
+class RSDGenerationMixin(GenerationMixin):
+    """Adds reward-guided speculative decoding to `generate`.
+
+    Without `reward_model`, `generate` is transformers' own (assisted generation included).
+    """
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, reward_model=None, **kwargs):
+        r"""Generate, with RSD when `reward_model` is given.
+
+        Args:
+            reward_model (`RewardModel`, *optional*): from `rsd.load_reward_model`; enables RSD, with the draft
+                given as `assistant_model` and the target being this model.
+            rsd_threshold (`float`, default 0.7): δ of the binary and logistic weightings, p of the constant one.
+            rsd_weighting (`str` or `Callable`, default `"binary"`): `"binary"`, `"constant"`, `"clip"`,
+                `"sigmoidal"`, `"logistic"`, or a callable mapping rewards `(R,)` to ω in [0, 1].
+            rsd_weighting_kwargs (`dict`, *optional*): `alpha` for logistic, `p` for constant.
+            rsd_step_separator (`str`, default `"\n\n"`): text that ends a step (matched on text, not tokens).
+            rsd_max_step_tokens (`int`, default 512): a step also ends after this many tokens.
+            rsd_max_steps (`int`, *optional*): a row stops after this many committed steps.
+            reward_prompts (`list[str]`, *optional*): the problem text the PRM sees per row; default: the decoded
+                prompt.
+            rsd_generator (`torch.Generator`, *optional*): RNG for sampling and acceptance draws.
+            kwargs: everything `GenerationMixin.generate` takes (`tokenizer` is required with `reward_model`).
+        Returns:
+            `RSDGenerateOutput` (`sequences`, `rsd_stats`) with `return_dict_in_generate=True`, else the sequences.
+        """
+        rsd = {k: kwargs.pop(k) for k in RSD_KWARGS if k in kwargs}
+        if reward_model is None:
+            if rsd:
+                raise ValueError(f"{', '.join(sorted(rsd))} only apply with reward_model=; none was given")
+            return super().generate(inputs, generation_config, **kwargs)
+        draft = kwargs.pop("assistant_model", None)
+        options = _rsd_options(self, draft, reward_model, kwargs, rsd)
+        loop = functools.partial(rsd_decode, options=options)
+
+        def rsd_custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, tokenizer=None, **model_kwargs):
+            # `tokenizer` in the signature makes generate hand it over (and use it for `stop_strings`)
+            return loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs)
+
+        return super().generate(inputs, generation_config, custom_generate=rsd_custom_generate, **kwargs)
+
+
+def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd: dict) -> RSDOptions:
+    """Validate RSD's inputs once, at the boundary; pops what generate must not see (`streamer`)."""
+    if draft is None:
+        raise ValueError("reward_model= needs the draft model as assistant_model=; got none")
+    if not isinstance(reward_model, RewardModel):
+        raise ValueError(
+            f"reward_model must be a RewardModel from rsd.load_reward_model(...), got {type(reward_model).__name__}"
+        )
+    tokenizer = kwargs.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError("RSD needs tokenizer= (the policies' tokenizer) to find step boundaries and talk to the PRM")
+    _check_shared_vocab(target, draft, tokenizer, kwargs.pop("assistant_tokenizer", None))
+    threshold = rsd.get("rsd_threshold", DEFAULT_THRESHOLD)
+    omega = get_weighting(rsd.get("rsd_weighting", "binary"), threshold, **(rsd.get("rsd_weighting_kwargs") or {}))
+    separator = rsd.get("rsd_step_separator", "\n\n")
+    if not isinstance(separator, str) or not separator:
+        raise ValueError(f"rsd_step_separator must be a non-empty string, got {separator!r}")
+    max_step_tokens = rsd.get("rsd_max_step_tokens", 512)
+    if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
+        raise ValueError(f"rsd_max_step_tokens must be an int >= 1, got {max_step_tokens!r}")
+    max_steps = rsd.get("rsd_max_steps")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"rsd_max_steps must be None or an int >= 1, got {max_steps!r}")
+    generator = rsd.get("rsd_generator")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"rsd_generator must be a torch.Generator, got {type(generator).__name__}")
+    return RSDOptions(
+        draft=draft,
+        reward_model=reward_model,
+        tokenizer=tokenizer,
+        omega=omega,
+        separator=separator,
+        max_step_tokens=max_step_tokens,
+        max_steps=max_steps,
+        reward_prompts=rsd.get("reward_prompts"),
+        streamer=kwargs.pop("streamer", None),
+        generator=generator,
+    )
+
+
+def _check_shared_vocab(target: PreTrainedModel, draft: PreTrainedModel, tokenizer, assistant_tokenizer) -> None:
+    """Draft and target must share a tokenizer; vocabularies may differ by embedding padding only."""
+    if assistant_tokenizer is not None and assistant_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError("draft and target must share a tokenizer, but assistant_tokenizer differs from tokenizer")
+    vt = target.config.get_text_config().vocab_size
+    vd = draft.config.get_text_config().vocab_size
+    if vt == vd:
+        return
+    n = len(tokenizer)
+    if min(vt, vd) < n or abs(vt - vd) > MAX_VOCAB_PADDING:
+        raise ValueError(
+            f"draft and target must share a tokenizer: vocab sizes {vd} (draft) and {vt} (target) differ by more than "
+            f"padding (allowed: both >= the tokenizer's {n} tokens, at most {MAX_VOCAB_PADDING} apart)"
+        )
+
+
+@functools.cache
+def _rsd_class(cls: type) -> type:
+    """`cls` with `RSDGenerationMixin` in front, keeping `cls`'s name (save_pretrained writes it to config)."""
+    return type(cls.__name__, (RSDGenerationMixin, cls), {"__qualname__": cls.__qualname__, "__module__": cls.__module__})
+
+
+def with_rsd(model: PreTrainedModel) -> PreTrainedModel:
+    """Mix `RSDGenerationMixin` into a loaded model's class, in place (idempotent); returns the model."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"with_rsd takes a transformers PreTrainedModel, got {type(model).__name__}")
+    if not isinstance(model, RSDGenerationMixin):
+        model.__class__ = _rsd_class(type(model))
+    return model
+
+

@@ -1,0 +1,101 @@
+"""Weighting functions ω(r) of the paper's Table 1 and the acceptance criterion A_ω (Algorithm 2).
+
+Every function here is pure: a reward tensor in, a tensor of the same shape out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+Weighting = Callable[[torch.Tensor], torch.Tensor]
+
+DEFAULT_THRESHOLD = 0.7
+DEFAULT_LOGISTIC_ALPHA = 10.0
+
+
+def constant(r: torch.Tensor, p: float) -> torch.Tensor:
+    """ω(r) = p: accept every step with the same probability, whatever its reward."""
+    return torch.full_like(r, float(p))
+
+
+def binary(r: torch.Tensor, delta: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+    """ω(r) = 1(r ≥ δ), the paper's default and optimal choice (Prop. 2.3)."""
+    return (r >= delta).to(r.dtype)
+
+
+def clip(r: torch.Tensor) -> torch.Tensor:
+    """ω(r) = min(1, max(0, r))."""
+    return r.clamp(0.0, 1.0)
+
+
+def sigmoidal(r: torch.Tensor) -> torch.Tensor:
+    """ω(r) = max(0, r / (1 + r))."""
+    return (r / (1.0 + r)).clamp_min(0.0)
+
+
+def logistic(r: torch.Tensor, delta: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_LOGISTIC_ALPHA) -> torch.Tensor:
+    """ω(r) = 1 / (1 + exp(-α (r - δ)))."""
+    return torch.sigmoid(alpha * (r - delta))
+
+
+WEIGHTINGS = ("binary", "constant", "clip", "sigmoidal", "logistic")
+
+
+def get_weighting(
+    weighting: str | Weighting = "binary", threshold: float = DEFAULT_THRESHOLD, **params: float
+) -> Weighting:
+    """Resolve `rsd_weighting` (a name of Table 1 or a callable r -> ω in [0, 1]) to a callable.
+
+    `threshold` is δ for "binary" and "logistic" and p for "constant"; `params` may give `alpha` ("logistic")
+    or `p` ("constant").
+    """
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise ValueError(f"rsd_threshold must be a real number (δ, any value but NaN), got {threshold!r}")
+    if callable(weighting):
+        if params:
+            raise ValueError(f"rsd_weighting_kwargs {sorted(params)} only apply to named weightings, not a callable")
+        return weighting
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown rsd_weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)} or a callable")
+    allowed = {"constant": {"p"}, "logistic": {"alpha"}}.get(weighting, set())
+    unknown = set(params) - allowed
+    if unknown:
+        raise ValueError(
+            f"rsd_weighting_kwargs {sorted(unknown)} not understood by {weighting!r}; allowed: {sorted(allowed)}"
+        )
+    if weighting == "constant":
+        p = params.get("p", threshold)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"constant weighting needs p in [0, 1], got {p!r}")
+        return partial(constant, p=p)
+    if weighting == "binary":
+        return partial(binary, delta=threshold)
+    if weighting == "logistic":
+        return partial(logistic, delta=threshold, alpha=params.get("alpha", DEFAULT_LOGISTIC_ALPHA))
+    return {"clip": clip, "sigmoidal": sigmoidal}[weighting]
+
+
+def accept(omega: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """Algorithm 2: accept where ω = 1, reject where ω = 0 (or NaN), else accept iff u ≤ ω.
+
+    Args:
+        omega (`torch.Tensor` of shape `(R,)`): ω(r) per row, in [0, 1].
+        u (`torch.Tensor` of shape `(R,)`, *optional*): U(0, 1) draws; only read where 0 < ω < 1.
+    Returns:
+        `torch.BoolTensor` of shape `(R,)`.
+    """
+    sure = omega >= 1.0  # NaN compares False: a NaN weight never accepts
+    unsure = (omega > 0.0) & ~sure
+    if u is None:
+        assert not unsure.any(), "u is required where 0 < ω < 1"
+        return sure
+    return sure | (unsure & (u <= omega))
+
+
+def needs_draw(omega: torch.Tensor) -> bool:
+    """Whether any row's decision is stochastic (0 < ω < 1), so that u ~ U(0, 1) must be drawn."""
+    return bool(((omega > 0.0) & (omega < 1.0)).any())
