@@ -157,7 +157,10 @@ class ValueHeadPRM(RewardModel):
 
     def __init__(self, backbone: PreTrainedModel, head: nn.Module, tokenizer, step_token: str = "\n"):
         super().__init__(backbone, head, tokenizer)
-        self.step_token_id = self._encode(step_token)[-1]
+        ids = self._encode(step_token)
+        if not ids:
+            raise ValueError(f"the PRM's tokenizer encodes its step token {step_token!r} to no token")
+        self.step_token_id = ids[-1]
 
     def prefix_ids(self, problem: str) -> list[int]:
         """`bos + problem + "\\n"`."""

@@ -132,10 +132,30 @@ def qwen_prm_path(tmp_path_factory, tok) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prm(skywork_path):
-    return rsd.load_reward_model(skywork_path)
+def prm(skywork_path, tok):
+    return rsd.load_reward_model(skywork_path, tokenizer=tok)
 
 
 def encode(tok, prompts: list[str]):
     """Left-padded batch."""
     return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+PROMPTS = ["1+2=", "12*3+45-6=", "7*8="]  # different lengths: the batch is left-padded
+
+
+def rsd_generate(target, draft, prm, tok, prompts, **kw):
+    """RSD on `prompts` with short fixed-length steps (random models rarely write the separator)."""
+    kw.setdefault("max_new_tokens", 24)
+    kw.setdefault("rsd_max_step_tokens", 4)
+    kw.setdefault("do_sample", False)
+    return target.generate(
+        **encode(tok, prompts), tokenizer=tok, assistant_model=draft, reward_model=prm, return_dict_in_generate=True, **kw
+    )
+
+
+def median_reward(target, draft, prm, tok, prompts) -> float:
+    """A threshold that splits the draft's step rewards in two (so both branches run)."""
+    out = rsd_generate(target, draft, prm, tok, prompts, rsd_threshold=0.0)
+    rewards = sorted(s["reward"] for row in out.rsd_stats["steps"] for s in row)
+    return rewards[len(rewards) // 2]

@@ -1,0 +1,77 @@
+"""Limit behaviours (DESIGN.md) and batch = single, under greedy decoding, for Qwen2 and Llama policies."""
+
+import pytest
+import torch
+from conftest import PROMPTS, encode, median_reward, rsd_generate
+
+
+@pytest.fixture(params=["qwen_pair", "llama_pair"])
+def pair(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one-row", "batch-of-3"])
+def test_all_accepted_gives_draft_greedy_output(pair, prm, tok, prompts):
+    target, draft = pair
+    out = rsd_generate(target, draft, prm, tok, prompts, rsd_threshold=0.0)  # sigmoid rewards are >= 0
+    expected = draft.generate(**encode(tok, prompts), max_new_tokens=24, do_sample=False)
+    assert torch.equal(out.sequences, expected)
+    assert out.rsd_stats["acceptance_rate"] == 1.0
+    assert out.rsd_stats["forward_tokens"]["target"] == 0  # the target is never called, not even for a prefill
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one-row", "batch-of-3"])
+def test_all_rejected_gives_target_greedy_output(pair, prm, tok, prompts):
+    target, draft = pair
+    out = rsd_generate(target, draft, prm, tok, prompts, rsd_threshold=1.5)  # above every sigmoid reward
+    expected = target.generate(**encode(tok, prompts), max_new_tokens=24, do_sample=False)
+    assert torch.equal(out.sequences, expected)
+    assert out.rsd_stats["acceptance_rate"] == 0.0
+    assert out.rsd_stats["draft_tokens"] == 0
+
+
+def test_batch_gives_exactly_what_each_row_gives_alone(pair, prm, tok):
+    target, draft = pair
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    batch = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta, max_new_tokens=32)
+    decisions = [s["accepted"] for row in batch.rsd_stats["steps"] for s in row if s["source"] == "draft"]
+    assert any(decisions) and not all(decisions), "the threshold must mix accepted and rejected steps"
+    for i, prompt in enumerate(PROMPTS):
+        alone = rsd_generate(target, draft, prm, tok, [prompt], rsd_threshold=delta, max_new_tokens=32)
+        row = batch.sequences[i].tolist()
+        row = row[next(k for k, t in enumerate(row) if t != tok.pad_token_id) :]  # drop the left padding
+        n = alone.sequences.shape[1]
+        assert row[:n] == alone.sequences[0].tolist()
+        assert set(row[n:]) <= {tok.pad_token_id}  # a row that finished early is right-padded, as in HF
+        steps, alone_steps = batch.rsd_stats["steps"][i], alone.rsd_stats["steps"][0]
+        assert [{**s, "reward": None} for s in steps] == [{**s, "reward": None} for s in alone_steps]
+        assert [s["reward"] for s in steps] == pytest.approx([s["reward"] for s in alone_steps], abs=1e-5)
+
+
+def test_sampling_all_accepted_matches_draft_sampling_under_seed(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    torch.manual_seed(123)
+    out = rsd_generate(target, draft, prm, tok, PROMPTS[:1], rsd_threshold=0.0, do_sample=True, temperature=0.7)
+    torch.manual_seed(123)
+    expected = draft.generate(**encode(tok, PROMPTS[:1]), max_new_tokens=24, do_sample=True, temperature=0.7)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_sampling_is_reproducible_under_seed_and_generator(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    kw = dict(rsd_weighting="clip", do_sample=True, top_k=20, top_p=0.95, max_new_tokens=32)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(rsd_generate(target, draft, prm, tok, PROMPTS, **kw))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].rsd_stats["steps"] == runs[1].rsd_stats["steps"]
+    assert not torch.equal(runs[0].sequences, runs[2].sequences)
+    gens = [
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_generator=torch.Generator().manual_seed(5), **kw)
+        for _ in range(2)
+    ]
+    torch.manual_seed(99)  # the global RNG does not matter once a generator is passed
+    third = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(gens[0].sequences, gens[1].sequences)
+    assert torch.equal(gens[0].sequences, third.sequences)

@@ -1,0 +1,144 @@
+"""Reward model adapters: scores equal a reference computed directly from the checkpoint; kind detection."""
+
+import json
+import string
+
+import pytest
+import torch
+from conftest import PROMPTS, make_lm, median_reward, rsd_generate, save_qwen_prm, save_value_head_prm
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast, Qwen2ForSequenceClassification, Qwen2Model
+
+import rsd_generation as rsd
+
+PROBLEM = "12*3+4="
+STEPS = ["12*3=36.\n\n", "36+4=40.\n\n", "answer 40"]
+
+
+def _hidden(path, ids: list[int]) -> torch.Tensor:
+    """Last hidden states of the checkpoint's backbone over the whole sequence at once (no cache): [T, H]."""
+    backbone = Qwen2Model.from_pretrained(path).eval()
+    with torch.no_grad():
+        return backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]
+
+
+def test_value_head_scores_equal_reference_from_hidden_states(skywork_path, tok):
+    prm = rsd.load_reward_model(skywork_path, tokenizer=tok)
+    assert isinstance(prm, rsd.ValueHeadPRM)
+    step_id = tok.encode("\n", add_special_tokens=False)[-1]
+    ids = tok.encode(tok.bos_token + PROBLEM + "\n", add_special_tokens=False)
+    positions = []
+    for step in STEPS:
+        ids += tok.encode(step.strip(), add_special_tokens=False) + [step_id]
+        positions.append(len(ids) - 1)
+    w = load_file(skywork_path / "model.safetensors")
+    h = _hidden(skywork_path, ids)[positions]
+    expected = torch.sigmoid(h @ w["v_head.summary.weight"].T + w["v_head.summary.bias"]).squeeze(-1)
+    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_qwen_prm_scores_equal_reference_from_hidden_states(qwen_prm_path, tok):
+    prm = rsd.load_reward_model(qwen_prm_path, tokenizer=tok)
+    assert isinstance(prm, rsd.QwenPRM)
+    messages = [
+        {"role": "system", "content": rsd.rewards.QWEN_PRM_SYSTEM},
+        {"role": "user", "content": PROBLEM},
+        {"role": "assistant", "content": "<extra_0>".join(s.strip() for s in STEPS) + "<extra_0>"},
+    ]
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    sep = tok.convert_tokens_to_ids("<extra_0>")
+    positions = [i for i, t in enumerate(ids) if t == sep]
+    w = load_file(qwen_prm_path / "model.safetensors")
+    h = _hidden(qwen_prm_path, ids)[positions]
+    logits = torch.relu(h @ w["score.0.weight"].T + w["score.0.bias"]) @ w["score.2.weight"].T + w["score.2.bias"]
+    expected = torch.softmax(logits, -1)[:, 1]
+    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_sequence_classification_scores_the_response_so_far(tmp_path, tok):
+    torch.manual_seed(8)
+    model = make_lm("qwen2", len(tok), seed=8)
+    rm = Qwen2ForSequenceClassification(model.config.__class__(**{**model.config.to_dict(), "num_labels": 1})).eval()
+    rm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prm = rsd.load_reward_model(tmp_path, tokenizer=tok)
+    assert isinstance(prm, rsd.SequenceClassificationRM)
+    got = prm.score_steps(PROBLEM, STEPS)
+    for k in range(1, len(STEPS) + 1):
+        chat = [{"role": "user", "content": PROBLEM}, {"role": "assistant", "content": "".join(STEPS[:k])}]
+        ids = tok.encode(tok.apply_chat_template(chat, tokenize=False), add_special_tokens=False)
+        with torch.no_grad():
+            expected = rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
+        assert got[k - 1] == pytest.approx(expected, abs=1e-5)
+    # an already loaded model works too
+    assert rsd.load_reward_model(rm, tokenizer=tok).score_steps(PROBLEM, STEPS) == pytest.approx(got, abs=1e-6)
+
+
+def test_rejected_steps_leave_the_prm_cache(prm):
+    """Score a step, reject it for a replacement, score the next: equals scoring the committed text fresh."""
+    prm.start([PROBLEM, PROBLEM])
+    prm.score(["wrong 1=2.\n\n", STEPS[0]])
+    prm.resolve(torch.tensor([False, True]), [STEPS[0], None])
+    got = prm.score([STEPS[1], STEPS[1]])
+    fresh = prm.score_steps(PROBLEM, STEPS[:2])[-1]
+    assert got.tolist() == pytest.approx([fresh, fresh], abs=1e-5)
+
+
+def _shuffled_tokenizer() -> PreTrainedTokenizerFast:
+    """Another tokenizer for the same text: other ids, other specials."""
+    chars = list(reversed(string.ascii_letters + string.digits + " .,+-*/=()?:\n"))
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", *chars, "\n\n"])}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "\n")]))
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def test_prm_with_its_own_tokenizer_scores_what_the_policy_wrote(qwen_pair, tok, tmp_path):
+    """Rewards recorded during RSD equal a fresh scoring, in the PRM's tokenization, of the committed text."""
+    prm_tok = _shuffled_tokenizer()
+    prm = rsd.load_reward_model(save_value_head_prm(tmp_path, prm_tok, seed=11), tokenizer=prm_tok)
+    target, draft = qwen_pair
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta)
+    for prompt, steps in zip(PROMPTS, out.rsd_stats["steps"]):
+        committed = []
+        for s in steps:
+            if s["source"] == "draft":
+                assert s["reward"] == pytest.approx(prm.score_steps(prompt, [*committed, s["text"]])[-1], abs=1e-5)
+            if s["accepted"]:
+                committed.append(s["text"])
+
+
+def test_backbone_is_shared_with_a_loaded_model(skywork_path, tok):
+    policy = make_lm("qwen2", len(tok), seed=5, tie_word_embeddings=False)
+    prm = rsd.load_reward_model(skywork_path, tokenizer=tok, backbone=policy)
+    assert prm.backbone.embed_tokens.weight.data_ptr() == policy.model.embed_tokens.weight.data_ptr()
+    reference = rsd.load_reward_model(skywork_path, tokenizer=tok)  # same weights (same seed), own copy
+    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(reference.score_steps(PROBLEM, STEPS), abs=1e-5)
+
+
+def test_detect_kind():
+    assert rsd.detect_kind(["Qwen2ForPrmModel"], []) == "value_head"
+    assert rsd.detect_kind(["Qwen2ForCausalLM"], ["model.norm.weight", "v_head.summary.weight"]) == "value_head"
+    assert rsd.detect_kind(["Qwen2ForProcessRewardModel"], []) == "qwen_prm"
+    assert rsd.detect_kind([], ["score.0.weight", "score.2.weight"]) == "qwen_prm"
+    assert rsd.detect_kind(["LlamaForSequenceClassification"], []) == "sequence_classification"
+    assert rsd.detect_kind(["Qwen2ForCausalLM"], ["lm_head.weight"]) is None
+
+
+def test_undetectable_kind_is_refused(tmp_path, tok):
+    make_lm("qwen2", len(tok), seed=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"cannot detect the reward model kind .*Qwen2ForCausalLM.*pass kind="):
+        rsd.load_reward_model(tmp_path, tokenizer=tok)
+    with pytest.raises(ValueError, match="unknown reward model kind 'orm'"):
+        rsd.load_reward_model(tmp_path, kind="orm", tokenizer=tok)
+
+
+def test_head_shape_mismatch_is_refused(tmp_path, tok, skywork_path):
+    save_qwen_prm(tmp_path, tok)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForProcessRewardModel"]
+    big = make_lm("qwen2", len(tok), seed=1, hidden_size=48)
+    with pytest.raises(ValueError, match="head expects hidden size 32, backbone has 48"):
+        rsd.load_reward_model(tmp_path, tokenizer=tok, backbone=big)
