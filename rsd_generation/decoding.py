@@ -157,19 +157,26 @@ def rsd_decode(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)  # all ones: generate dropped it
     _check_config(generation_config, attention_mask, B, o)
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu())]
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
     max_new = generation_config.max_length - P
     eos = generation_config._eos_token_tensor
     eos = torch.empty(0, dtype=torch.long) if eos is None else eos.reshape(-1).cpu()
     pad = generation_config._pad_token_tensor
     pad = int(pad.reshape(-1)[0]) if pad is not None else (int(eos[0]) if len(eos) else 0)
     s = _Sampling(
-        logits_processor, generation_config.do_sample, o.generator, min(_vocab_size(target), _vocab_size(draft)), eos, pad
+        logits_processor,
+        generation_config.do_sample,
+        o.generator,
+        min(_vocab_size(target), _vocab_size(draft)),
+        eos,
+        pad,
     )
     user = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
     rules = _StepRules(StopStringCriteria(o.tokenizer, [o.separator]), o.max_step_tokens, StoppingCriteriaList(user))
-    problems = list(o.reward_prompts) if o.reward_prompts is not None else o.tokenizer.batch_decode(
-        prompts, skip_special_tokens=True
+    problems = (
+        list(o.reward_prompts)
+        if o.reward_prompts is not None
+        else o.tokenizer.batch_decode(prompts, skip_special_tokens=True)
     )
     if o.streamer is not None:
         o.streamer.put(input_ids.cpu())
@@ -196,7 +203,9 @@ def rsd_decode(
         r = prm.score(texts)  # r: [R]
         nan = torch.isnan(r)
         if nan.any():
-            warnings.warn(f"reward model returned NaN for {int(nan.sum())} step(s); counted as rejections", stacklevel=2)
+            warnings.warn(
+                f"reward model returned NaN for {int(nan.sum())} step(s); counted as rejections", stacklevel=2
+            )
 
         # 3. acceptance: keep ŷ_i with probability ω(r_i)
         omega = o.omega(r.nan_to_num(0.0))  # omega: [R]
@@ -216,7 +225,10 @@ def rsd_decode(
             for j in rejected.nonzero().flatten().tolist():
                 y[j] = m.pending[j] = y_tgt[j]
             stop = torch.where(rejected, stop_tgt, stop_hat)
-        tgt_texts = [o.tokenizer.decode(y[j], skip_special_tokens=True) if not a else None for j, a in enumerate(accepted.tolist())]
+        tgt_texts = [
+            o.tokenizer.decode(y[j], skip_special_tokens=True) if not a else None
+            for j, a in enumerate(accepted.tolist())
+        ]
         prm.resolve(accepted, tgt_texts)
 
         # 5. commit
@@ -254,7 +266,11 @@ def rsd_decode(
     stats.prm_calls = prm.calls
     stats.forward_tokens = {"draft": m.forward_tokens, "target": M.forward_tokens, "reward": prm.forward_tokens}
     stats.padded_tokens = {"draft": m.padded_tokens, "target": M.padded_tokens, "reward": prm.state.padded_tokens}
-    stats.num_parameters = {"draft": draft.num_parameters(), "target": target.num_parameters(), "reward": prm.num_parameters}
+    stats.num_parameters = {
+        "draft": draft.num_parameters(),
+        "target": target.num_parameters(),
+        "reward": prm.num_parameters,
+    }
     return RSDGenerateOutput(sequences=sequences, rsd_stats=stats.as_dict())
 
 
@@ -268,7 +284,9 @@ def _check_config(generation_config: GenerationConfig, attention_mask: torch.Ten
             f"{generation_config.num_return_sequences} (repeat the prompts instead)"
         )
     if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("RSD needs left padding, but the attention_mask ends in 0 (right padding); set padding_side='left'")
+        raise ValueError(
+            "RSD needs left padding, but the attention_mask ends in 0 (right padding); set padding_side='left'"
+        )
     if bool((attention_mask.sum(1) == 0).any()):
         raise ValueError("every prompt needs at least one token; a row of the attention_mask is all 0")
     if o.reward_prompts is not None and len(o.reward_prompts) != B:

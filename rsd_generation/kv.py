@@ -79,7 +79,7 @@ class RowCache:
 
     def feed_pending(self, rows: torch.Tensor) -> torch.Tensor:
         """Feed the queued tokens of the selected rows (`rows`: bool `(R,)`), emptying their queues."""
-        chunks = [p if bool(sel) else [] for p, sel in zip(self.pending, rows.tolist())]
+        chunks = [p if bool(sel) else [] for p, sel in zip(self.pending, rows.tolist(), strict=True)]
         for i, sel in enumerate(rows.tolist()):
             if sel:
                 self.pending[i] = []

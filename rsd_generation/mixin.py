@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList, StopStringCriteria
 
 from .decoding import RSDOptions, rsd_decode
 from .rewards import RewardModel
@@ -59,13 +60,28 @@ class RSDGenerationMixin(GenerationMixin):
             return super().generate(inputs, generation_config, **kwargs)
         draft = kwargs.pop("assistant_model", None)
         options = _rsd_options(self, draft, reward_model, kwargs, rsd)
+        generation_config = _take_stop_strings(generation_config, kwargs, options.tokenizer)
         loop = functools.partial(rsd_decode, options=options)
 
-        def rsd_custom_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, tokenizer=None, **model_kwargs):
-            # `tokenizer` in the signature makes generate hand it over (and use it for `stop_strings`)
+        def rsd_custom_generate(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
+        ):
             return loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs)
 
         return super().generate(inputs, generation_config, custom_generate=rsd_custom_generate, **kwargs)
+
+
+def _take_stop_strings(generation_config, kwargs: dict, tokenizer):
+    """Turn `stop_strings` into a `StopStringCriteria` ourselves: generate drops the tokenizer it needs when
+    `custom_generate` is a callable. Returns the generation config without stop strings."""
+    stop = kwargs.pop("stop_strings", None)
+    if generation_config is not None and generation_config.stop_strings:
+        generation_config = copy.deepcopy(generation_config)
+        stop, generation_config.stop_strings = stop or generation_config.stop_strings, None
+    if stop:
+        user = list(kwargs.get("stopping_criteria") or [])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*user, StopStringCriteria(tokenizer, stop)])
+    return generation_config
 
 
 def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd: dict) -> RSDOptions:
@@ -127,7 +143,9 @@ def _check_shared_vocab(target: PreTrainedModel, draft: PreTrainedModel, tokeniz
 @functools.cache
 def _rsd_class(cls: type) -> type:
     """`cls` with `RSDGenerationMixin` in front, keeping `cls`'s name (save_pretrained writes it to config)."""
-    return type(cls.__name__, (RSDGenerationMixin, cls), {"__qualname__": cls.__qualname__, "__module__": cls.__module__})
+    return type(
+        cls.__name__, (RSDGenerationMixin, cls), {"__qualname__": cls.__qualname__, "__module__": cls.__module__}
+    )
 
 
 def with_rsd(model: PreTrainedModel) -> PreTrainedModel:
@@ -137,5 +155,3 @@ def with_rsd(model: PreTrainedModel) -> PreTrainedModel:
     if not isinstance(model, RSDGenerationMixin):
         model.__class__ = _rsd_class(type(model))
     return model
-
-

@@ -100,7 +100,7 @@ class RewardModel:
         suffix = self.suffix_ids()
         self._start = torch.tensor([st.length + len(p) for p in st.pending])  # _start: [R]
         self._step_len = torch.tensor([len(n) for n in new])  # _step_len: [R]
-        ids, valid = pad_right([p + n + suffix for p, n in zip(st.pending, new)], st.pad_token_id)
+        ids, valid = pad_right([p + n + suffix for p, n in zip(st.pending, new, strict=True)], st.pad_token_id)
         st.pending = [[] for _ in steps]
         hidden = st.feed(ids, valid)  # hidden: [R, H]
         self.calls += len(steps)
@@ -168,7 +168,7 @@ class ValueHeadPRM(RewardModel):
 
     def step_ids(self, step: str) -> list[int]:
         """The stripped step's tokens, then the step token."""
-        return self._encode(step.strip()) + [self.step_token_id]
+        return [*self._encode(step.strip()), self.step_token_id]
 
     def reward(self, hidden: torch.Tensor) -> torch.Tensor:
         """sigmoid(v_head(h))."""
@@ -189,12 +189,14 @@ class QwenPRM(RewardModel):
 
     def prefix_ids(self, problem: str) -> list[int]:
         """The chat template (system, user = problem) up to the assistant content."""
-        prefix, _ = self._chat_prefix_suffix([{"role": "system", "content": self.system}, {"role": "user", "content": problem}])
+        prefix, _ = self._chat_prefix_suffix(
+            [{"role": "system", "content": self.system}, {"role": "user", "content": problem}]
+        )
         return self._encode(prefix)
 
     def step_ids(self, step: str) -> list[int]:
         """The stripped step's tokens, then `<extra_0>`."""
-        return self._encode(step.strip()) + [self.sep_id]
+        return [*self._encode(step.strip()), self.sep_id]
 
     def reward(self, hidden: torch.Tensor) -> torch.Tensor:
         """softmax(score(h))[..., 1]."""
@@ -263,7 +265,8 @@ def checkpoint_tensor_files(path: str | os.PathLike) -> dict[str, str]:
     if single is None:
         raise ValueError(f"no safetensors weights (model.safetensors or its index) found in {str(path)!r}")
     with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+        names = f.keys()  # a safe_open handle is not iterable itself
+    return dict.fromkeys(names, single)
 
 
 def read_tensors(files: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:

@@ -15,9 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 import rsd_generation as rsd
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<extra_0>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-)
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -150,7 +148,12 @@ def rsd_generate(target, draft, prm, tok, prompts, **kw):
     kw.setdefault("rsd_max_step_tokens", 4)
     kw.setdefault("do_sample", False)
     return target.generate(
-        **encode(tok, prompts), tokenizer=tok, assistant_model=draft, reward_model=prm, return_dict_in_generate=True, **kw
+        **encode(tok, prompts),
+        tokenizer=tok,
+        assistant_model=draft,
+        reward_model=prm,
+        return_dict_in_generate=True,
+        **kw,
     )
 
 

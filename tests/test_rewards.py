@@ -30,7 +30,7 @@ def test_value_head_scores_equal_reference_from_hidden_states(skywork_path, tok)
     ids = tok.encode(tok.bos_token + PROBLEM + "\n", add_special_tokens=False)
     positions = []
     for step in STEPS:
-        ids += tok.encode(step.strip(), add_special_tokens=False) + [step_id]
+        ids += [*tok.encode(step.strip(), add_special_tokens=False), step_id]
         positions.append(len(ids) - 1)
     w = load_file(skywork_path / "model.safetensors")
     h = _hidden(skywork_path, ids)[positions]
@@ -101,7 +101,7 @@ def test_prm_with_its_own_tokenizer_scores_what_the_policy_wrote(qwen_pair, tok,
     target, draft = qwen_pair
     delta = median_reward(target, draft, prm, tok, PROMPTS)
     out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta)
-    for prompt, steps in zip(PROMPTS, out.rsd_stats["steps"]):
+    for prompt, steps in zip(PROMPTS, out.rsd_stats["steps"], strict=True):
         committed = []
         for s in steps:
             if s["source"] == "draft":

@@ -28,7 +28,7 @@ def test_get_weighting_binds_threshold_and_params():
     assert rsd.get_weighting("constant", 0.4)(R).tolist() == pytest.approx([0.4] * 6)
     assert rsd.get_weighting("constant", 0.4, p=0.9)(R).tolist() == pytest.approx([0.9] * 6)
     assert rsd.get_weighting("logistic", 0.3, alpha=2.0)(torch.tensor([0.3])).item() == pytest.approx(0.5)
-    f = lambda r: r * 0  # noqa: E731
+    f = lambda r: r * 0
     assert rsd.get_weighting(f, 0.7) is f
 
 
