@@ -14,6 +14,7 @@ import argparse
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": prompts,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": "python -m benchmarks.demo " + " ".join(argv if argv is not None else []),
+        "command": " ".join(["python -m benchmarks.demo", *(sys.argv[1:] if argv is None else argv)]),
     }
     write_json_atomic(out / "results.json", result)
     print(f"wrote {out / 'results.json'}")

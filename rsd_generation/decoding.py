@@ -94,7 +94,7 @@ def decode_step(
         and `(R,)` bools: the step ended by a user stopping criterion.
     """
     dev = cache.device
-    rows, budget, ctx = rows.to(dev), budget.to(dev), ctx.to(dev)
+    rows, budget, ctx, eos = rows.to(dev), budget.to(dev), ctx.to(dev), s.eos.to(dev)
     logits = cache.feed_pending(rows)  # logits: [R, V]
     start = cache.length
     alive, user_stop = rows.clone(), torch.zeros_like(rows)  # alive, user_stop: [R]
@@ -107,7 +107,7 @@ def decode_step(
         toks.append(tok)
         n += alive.long()
         step = torch.stack(toks, 1)
-        ended = torch.isin(tok, s.eos) | (n >= rules.max_step_tokens) | (n >= budget)
+        ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
         ended |= rules.separator(step, scores)
         if len(rules.user):
             hit = rules.user(torch.cat([ctx, step], 1), scores).to(dev)

@@ -6,7 +6,7 @@ import string
 import pytest
 import torch
 from conftest import PROMPTS, make_lm, median_reward, rsd_generate, save_qwen_prm, save_value_head_prm
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast, Qwen2ForSequenceClassification, Qwen2Model
 
@@ -142,3 +142,21 @@ def test_head_shape_mismatch_is_refused(tmp_path, tok, skywork_path):
     big = make_lm("qwen2", len(tok), seed=1, hidden_size=48)
     with pytest.raises(ValueError, match="head expects hidden size 32, backbone has 48"):
         rsd.load_reward_model(tmp_path, tokenizer=tok, backbone=big)
+
+
+def test_sharded_checkpoint_head_is_found_in_its_shard(tmp_path, tok):
+    """A 7B PRM comes in shards: the v_head is read through model.safetensors.index.json."""
+    make_lm("qwen2", len(tok), seed=5, tie_word_embeddings=False).save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    last = tmp_path / shards[-1]
+    weights = load_file(last)
+    head = {"v_head.summary.weight": torch.randn(1, 32), "v_head.summary.bias": torch.randn(1)}
+    save_file({**weights, **head}, last, metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(head, shards[-1]))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    prm = rsd.load_reward_model(tmp_path, tokenizer=tok)  # architectures say Qwen2ForCausalLM: detected by tensors
+    assert isinstance(prm, rsd.ValueHeadPRM)
+    assert torch.equal(prm.head.weight.data, head["v_head.summary.weight"])
+    assert torch.equal(prm.head.bias.data, head["v_head.summary.bias"])

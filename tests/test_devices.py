@@ -1,0 +1,24 @@
+"""Limit behaviours with the models on every device pairing this machine has (CPU only in CI; CUDA on a GPU)."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from conftest import PROMPTS, encode, rsd_generate
+
+import rsd_generation as rsd
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize(("draft_device", "target_device"), list(itertools.product(DEVICES, DEVICES)))
+def test_limits_hold_wherever_the_models_sit(qwen_pair, skywork_path, tok, draft_device, target_device):
+    target, draft = (copy.deepcopy(m) for m in qwen_pair)
+    target, draft = target.to(target_device), draft.to(draft_device)
+    prm = rsd.load_reward_model(skywork_path, tokenizer=tok, device_map=draft_device)
+    enc = encode(tok, PROMPTS)
+    for delta, reference in ((0.0, draft), (1.5, target)):
+        out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta)
+        expected = reference.generate(**enc.to(reference.device), max_new_tokens=24, do_sample=False)
+        assert torch.equal(out.sequences.cpu(), expected.cpu())
