@@ -2,7 +2,10 @@
 
 import pytest
 import torch
-from conftest import PROMPTS, encode, median_reward, rsd_generate
+from conftest import PROMPTS, encode, make_lm, median_reward, rsd_generate
+from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+import rsd_generation as rsd
 
 
 @pytest.fixture(params=["qwen_pair", "llama_pair"])
@@ -75,3 +78,36 @@ def test_sampling_is_reproducible_under_seed_and_generator(qwen_pair, prm, tok):
     third = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_generator=torch.Generator().manual_seed(5), **kw)
     assert torch.equal(gens[0].sequences, gens[1].sequences)
     assert torch.equal(gens[0].sequences, third.sequences)
+
+
+@pytest.fixture(params=["value_head", "qwen_prm", "sequence_classification"])
+def any_prm(request, skywork_path, qwen_prm_path, tok, tmp_path_factory):
+    if request.param == "value_head":
+        return rsd.load_reward_model(skywork_path, tokenizer=tok)
+    if request.param == "qwen_prm":
+        return rsd.load_reward_model(qwen_prm_path, tokenizer=tok)
+    path = tmp_path_factory.mktemp("orm")
+    cfg = make_lm("qwen2", len(tok), seed=8).config.to_dict()
+    torch.manual_seed(8)
+    Qwen2ForSequenceClassification(Qwen2Config(**{**cfg, "num_labels": 1})).save_pretrained(path)
+    return rsd.load_reward_model(path, tokenizer=tok)
+
+
+def test_limits_hold_with_every_reward_model_kind(qwen_pair, any_prm, tok):
+    """Outcome RMs give raw scores of any sign: δ = -inf accepts everything, δ = +inf nothing."""
+    target, draft = qwen_pair
+    enc = encode(tok, PROMPTS)
+    accepted = rsd_generate(target, draft, any_prm, tok, PROMPTS, rsd_threshold=float("-inf"))
+    assert torch.equal(accepted.sequences, draft.generate(**enc, max_new_tokens=24, do_sample=False))
+    rejected = rsd_generate(target, draft, any_prm, tok, PROMPTS, rsd_threshold=float("inf"))
+    assert torch.equal(rejected.sequences, target.generate(**enc, max_new_tokens=24, do_sample=False))
+    # the PRM saw every draft step of both runs once, and its context the committed text only
+    for out in (accepted, rejected):
+        for prompt, steps in zip(PROMPTS, out.rsd_stats["steps"], strict=True):
+            committed = []
+            for s in steps:
+                if s["source"] == "draft":
+                    fresh = any_prm.score_steps(prompt, [*committed, s["text"]])[-1]
+                    assert s["reward"] == pytest.approx(fresh, abs=1e-4)
+                if s["accepted"]:
+                    committed.append(s["text"])
