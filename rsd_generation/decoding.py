@@ -191,6 +191,8 @@ def rsd_decode(
 
     while len(rows):
         R = len(rows)
+        for c in (m, M, prm.state):  # step boundary: no provisional columns are pending a decision
+            c.compact()
         ctx = pad_left([prompts[i] + out[i] for i in rows.tolist()], pad)  # z_i per row: [R, T]
         budget = torch.tensor([max_new - len(out[i]) for i in rows.tolist()])  # budget: [R]
         everyone = torch.ones(R, dtype=torch.bool)

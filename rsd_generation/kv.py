@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 # forward(input_ids, attention_mask, position_ids, cache_position, past_key_values, last) -> [R, X]
 Forward = Callable[..., torch.Tensor]
@@ -91,6 +92,26 @@ class RowCache:
         cols = torch.arange(self.length, device=self.device)[None, :]  # cols: [1, T]
         drop = rows.to(self.device)[:, None] & (cols >= start.to(self.device)[:, None])  # drop: [R, T]
         self.mask = self.mask.masked_fill(drop, 0)
+
+    def compact(self, min_masked: float = 0.5) -> bool:
+        """Drop masked columns once they are over `min_masked` of the cache (rejected steps, batch padding).
+
+        Each row's valid columns keep their order and move to the right end (left padding). Keys carry their
+        rotary position already and position ids come from the mask, so the attention is unchanged. Returns
+        whether the cache was repacked; caches with other than plain dynamic layers are left alone.
+        """
+        valid = self.mask.bool()  # valid: [R, T]
+        width = int(valid.sum(1).max()) if valid.numel() else 0
+        if self.length == 0 or self.length - width <= min_masked * self.length:
+            return False
+        if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            return False
+        idx = torch.argsort(valid.to(torch.int8), dim=1, stable=True)[:, self.length - width :]  # idx: [R, W]
+        for layer in self.cache.layers:
+            gather = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
+        self.mask = valid.gather(1, idx).long()
+        return True
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep only rows `idx` (finished rows leave the batch)."""

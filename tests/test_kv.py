@@ -1,0 +1,35 @@
+"""RowCache: per-row masking and compaction leave each row's attention unchanged."""
+
+import torch
+from conftest import make_lm
+
+from rsd_generation.kv import RowCache, causal_lm_forward, pad_left, pad_right
+
+
+def test_compaction_drops_masked_columns_without_changing_outputs(tok):
+    model = make_lm("qwen2", len(tok), seed=1)
+    caches = [RowCache(causal_lm_forward(model), model.config, 3, torch.device("cpu")) for _ in range(2)]
+    chunks = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    for c in caches:
+        ids, valid = pad_right(chunks, 0)
+        c.feed(ids, valid)
+        c.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool))  # a draft step
+        c.drop_from(torch.tensor([True, False, True]), torch.full((3,), 4))  # rows 0 and 2 reject it
+    assert caches[1].compact(min_masked=0.25)
+    assert caches[1].length == 4 < caches[0].length == 6  # widest row keeps 4 valid positions (row 1: 2 + 2)
+    assert caches[1].mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
+    assert not caches[1].compact(min_masked=0.0)  # nothing left to drop
+    nxt = torch.tensor([[30], [31], [32]])
+    a = caches[0].feed(nxt, torch.ones(3, 1, dtype=torch.bool))
+    b = caches[1].feed(nxt, torch.ones(3, 1, dtype=torch.bool))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # and both equal each row run alone on exactly its kept tokens
+    for r, kept in enumerate([[5, 6, 7, 8], [9, 10, 22, 23], [11, 12, 13]]):
+        alone = model(input_ids=torch.tensor([[*kept, 30 + r]])).logits[0, -1]
+        torch.testing.assert_close(a[r], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_pad_helpers():
+    ids, valid = pad_right([[1, 2], [], [3]], 0)
+    assert ids.tolist() == [[1, 2], [0, 0], [3, 0]] and valid.sum(1).tolist() == [2, 0, 1]
+    assert pad_left([[1, 2], [3]], 9).tolist() == [[1, 2], [9, 3]]
