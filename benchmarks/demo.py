@@ -82,16 +82,22 @@ def main(argv: list[str] | None = None) -> dict:
     P = enc["input_ids"].shape[1]
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
 
-    def timed(fn):
-        fn()  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    def timed(fn, repeats: int = 5):
+        """Warm up once, then time `repeats` runs (device synchronised); returns the result and the median."""
         res = fn()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return res, time.perf_counter() - t
+        times = []
+        for _ in range(repeats):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            res = fn()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        spreads.append(max(times) - min(times))
+        return res, statistics.median(times)
 
+    spreads: list[float] = []
     target_out, t_target = timed(lambda: target.generate(**enc, **gen))
     draft_out, t_draft = timed(lambda: draft.generate(**enc, **gen))
     n_target = target.num_parameters()
@@ -142,12 +148,14 @@ def main(argv: list[str] | None = None) -> dict:
         "delta_0_equals_draft": rows[2]["match_draft"],
         "delta_above_rewards_equals_target": rows[-1]["match_target"],
     }
-    print("limit behaviours:", limits)
+    print("limit behaviours:", limits, f"(time: median of 5 runs; largest max-min spread {max(spreads):.3f} s)")
     result = {
         "rows": rows,
         "limits": limits,
         "reward_quantiles": quantile,
         "median_reward": statistics.median(rewards),
+        "timing": "median of 5 runs after a warm-up, device synchronised",
+        "max_time_spread_s": max(spreads),
         "prompts": prompts,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
