@@ -17,7 +17,7 @@ from transformers import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .kv import RowCache, causal_lm_forward, pad_left
+from .kv import RowCache, causal_lm_forward, pad_left, pad_right
 from .rewards import RewardModel
 from .stats import RSDStats, Step
 from .weighting import Weighting, accept, needs_draw
@@ -99,14 +99,12 @@ def decode_step(
     start = cache.length
     alive, user_stop = rows.clone(), torch.zeros_like(rows)  # alive, user_stop: [R]
     n = torch.zeros_like(budget)  # n: [R], tokens written this step
-    toks: list[torch.Tensor] = []
+    step = ctx[:, :0]  # step: [R, t], tokens written so far
     while True:
-        step = torch.stack(toks, 1) if toks else ctx[:, :0]  # step: [R, t]
         scores = s.processors(torch.cat([ctx, step], 1), logits[:, : s.vocab])  # scores: [R, V]
         tok = torch.where(alive, _pick(scores, s), s.pad)  # tok: [R]
-        toks.append(tok)
+        step = torch.cat([step, tok[:, None]], 1)
         n += alive.long()
-        step = torch.stack(toks, 1)
         ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
         ended |= rules.separator(step, scores)
         if len(rules.user):
@@ -258,10 +256,7 @@ def rsd_decode(
 
     if o.streamer is not None:
         o.streamer.end()
-    width = max(len(x) for x in out)
-    new = torch.full((B, width), pad, dtype=torch.long)  # new: [B, N]
-    for i, x in enumerate(out):
-        new[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    new, _ = pad_right(out, pad)  # new: [B, N], rows that finished early right-padded as in HF
     sequences = torch.cat([input_ids, new.to(input_ids.device)], 1)  # sequences: [B, P + N]
     if not generation_config.return_dict_in_generate:
         return sequences
