@@ -62,13 +62,7 @@ class RSDGenerationMixin(GenerationMixin):
         options = _rsd_options(self, draft, reward_model, kwargs, rsd)
         generation_config = _take_stop_strings(generation_config, kwargs, options.tokenizer)
         loop = functools.partial(rsd_decode, options=options)
-
-        def rsd_custom_generate(
-            model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
-        ):
-            return loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs)
-
-        return super().generate(inputs, generation_config, custom_generate=rsd_custom_generate, **kwargs)
+        return super().generate(inputs, generation_config, custom_generate=loop, **kwargs)
 
 
 def _take_stop_strings(generation_config, kwargs: dict, tokenizer):
