@@ -10,8 +10,6 @@ from transformers import PreTrainedTokenizerFast
 import rsd_generation as rsd
 from rsd_generation.testing import build_tokenizer, make_lm, save_qwen_prm, save_value_head_prm
 
-__all__ = ["build_tokenizer", "make_lm", "save_qwen_prm", "save_value_head_prm"]
-
 
 @pytest.fixture(scope="session")
 def tok() -> PreTrainedTokenizerFast:

@@ -6,11 +6,12 @@ import operator
 
 import pytest
 import torch
-from conftest import PROMPTS, build_tokenizer, encode, make_lm, median_reward, rsd_generate
+from conftest import PROMPTS, encode, median_reward, rsd_generate
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen2ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 import rsd_generation as rsd
+from rsd_generation.testing import build_tokenizer, make_lm
 
 
 class Script(LogitsProcessor):

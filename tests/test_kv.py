@@ -1,9 +1,9 @@
 """RowCache: per-row masking and compaction leave each row's attention unchanged."""
 
 import torch
-from conftest import make_lm
 
 from rsd_generation.kv import RowCache, causal_lm_forward, pad_left, pad_right
+from rsd_generation.testing import make_lm
 
 
 def test_compaction_drops_masked_columns_without_changing_outputs(tok):

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import PROMPTS, encode, make_lm, median_reward, rsd_generate
+from conftest import PROMPTS, encode, median_reward, rsd_generate
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 import rsd_generation as rsd
+from rsd_generation.testing import make_lm
 
 
 @pytest.fixture(params=["qwen_pair", "llama_pair"])

@@ -5,12 +5,13 @@ import string
 
 import pytest
 import torch
-from conftest import PROMPTS, make_lm, median_reward, rsd_generate, save_qwen_prm, save_value_head_prm
+from conftest import PROMPTS, median_reward, rsd_generate
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast, Qwen2ForSequenceClassification, Qwen2Model
 
 import rsd_generation as rsd
+from rsd_generation.testing import make_lm, save_qwen_prm, save_value_head_prm
 
 PROBLEM = "12*3+4="
 STEPS = ["12*3=36.\n\n", "36+4=40.\n\n", "answer 40"]
