@@ -21,6 +21,7 @@ from transformers.utils import cached_file
 
 from .kv import RowCache, hidden_forward, pad_right
 
+VALUE_HEAD_FILE = "value_head.safetensors"  # a merged checkpoint's PRM head, outside the index
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 _SENTINEL = "\x00RSD-STEPS\x00"
 
@@ -256,17 +257,31 @@ def detect_kind(architectures: Iterable[str], tensor_names: Iterable[str]) -> st
 
 
 def checkpoint_tensor_files(path: str | os.PathLike) -> dict[str, str]:
-    """Map each tensor name of a safetensors checkpoint (local dir or hub id) to the file that holds it."""
-    index = cached_file(str(path), "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    """Map each tensor name of a safetensors checkpoint (local dir or hub id) to the file that holds it.
+
+    Besides the weights (model.safetensors or its index), a merged policy+PRM checkpoint carries its value head
+    in `value_head.safetensors`, which the index does not list so that the policy loads without it.
+    """
+    path = str(path)
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
     if index is not None:
         weight_map = json.loads(Path(index).read_text())["weight_map"]
-        return {name: cached_file(str(path), fname) for name, fname in weight_map.items()}
-    single = cached_file(str(path), "model.safetensors", _raise_exceptions_for_missing_entries=False)
-    if single is None:
-        raise ValueError(f"no safetensors weights (model.safetensors or its index) found in {str(path)!r}")
-    with safe_open(single, framework="pt") as f:
-        names = f.keys()  # a safe_open handle is not iterable itself
-    return dict.fromkeys(names, single)
+        files = {name: cached_file(path, fname) for name, fname in weight_map.items()}
+    else:
+        single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        if single is None:
+            raise ValueError(f"no safetensors weights (model.safetensors or its index) found in {path!r}")
+        files = dict.fromkeys(tensor_names(single), single)
+    extra = cached_file(path, VALUE_HEAD_FILE, _raise_exceptions_for_missing_entries=False)
+    if extra is not None:
+        files.update(dict.fromkeys(tensor_names(extra), extra))
+    return files
+
+
+def tensor_names(fname: str) -> list[str]:
+    """Tensor names of one safetensors file."""
+    with safe_open(fname, framework="pt") as f:
+        return list(f.keys())
 
 
 def read_tensors(files: dict[str, str], prefix: str) -> dict[str, torch.Tensor]:
