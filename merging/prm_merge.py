@@ -86,7 +86,10 @@ def _config(path: str) -> dict:
     f = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False)
     if f is None:
         raise MergeError(f"{path!r} has no config.json: not a transformers checkpoint")
-    return json.loads(Path(f).read_text())
+    cfg = json.loads(Path(f).read_text())
+    if not cfg.get("architectures"):
+        raise MergeError(f"config.json of {path!r} names no architectures; mergekit needs one")
+    return cfg
 
 
 def _mergekit_config(policy: str, prm: str, policy_weight: float, prm_weight: float, normalize: bool, dtype: str):

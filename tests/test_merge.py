@@ -210,3 +210,17 @@ def test_cli(policy_dir, prm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["--help"])
     assert e.value.code == 0 and "value_head.safetensors" in capsys.readouterr().out
+
+
+def test_checkpoint_without_architectures_is_refused(policy_dir, prm_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in policy_dir.iterdir():
+        (bare / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bare / "config.json").read_text())
+    del cfg["architectures"]
+    (bare / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match="names no architectures"):
+        merge_prm_with_policy(bare, prm_dir, out)
+    assert _nothing_written(out)
