@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
 import rsd_generation as rsd
@@ -71,3 +72,19 @@ def median_reward(target, draft, prm, tok, prompts) -> float:
     out = rsd_generate(target, draft, prm, tok, prompts, rsd_threshold=0.0)
     rewards = sorted(s["reward"] for row in out.rsd_stats["steps"] for s in row)
     return rewards[len(rewards) // 2]
+
+
+def skywork_reference(tok, backbone, v_head: dict, problem: str, steps: list[str]) -> list[float]:
+    """Skywork-format rewards computed directly: one forward of the whole text, sigmoid(v_head(h)) at step tokens.
+
+    Input: `bos + problem + "\\n"`, then each stripped step tokenized on its own followed by the "\\n" token.
+    """
+    step_id = tok.encode("\n", add_special_tokens=False)[-1]
+    ids = tok.encode(tok.bos_token + problem + "\n", add_special_tokens=False)
+    positions = []
+    for step in steps:
+        ids += [*tok.encode(step.strip(), add_special_tokens=False), step_id]
+        positions.append(len(ids) - 1)
+    with torch.no_grad():
+        h = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, positions]
+    return torch.sigmoid(h @ v_head["v_head.summary.weight"].T + v_head["v_head.summary.bias"]).squeeze(-1).tolist()

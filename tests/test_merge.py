@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, encode, rsd_generate
+from conftest import PROMPTS, encode, rsd_generate, skywork_reference
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
@@ -87,17 +87,8 @@ def test_output_loads_as_policy_and_as_prm(policy_dir, prm_dir, merged_dir, tok,
         torch.testing.assert_close(policy(**ids).logits, ref(**ids).logits, rtol=1e-5, atol=1e-5)
     prm = rsd.load_reward_model(merged_dir, tokenizer=tok)
     assert isinstance(prm, rsd.ValueHeadPRM)
-    R = _weights(prm_dir)
-    with torch.no_grad():
-        step_id = tok.encode("\n", add_special_tokens=False)[-1]
-        seq = tok.encode(tok.bos_token + PROBLEM + "\n", add_special_tokens=False)
-        positions = []
-        for s in STEPS:
-            seq += [*tok.encode(s.strip(), add_special_tokens=False), step_id]
-            positions.append(len(seq) - 1)
-        h = ref.model(input_ids=torch.tensor([seq])).last_hidden_state[0, positions]
-        expected = torch.sigmoid(h @ R["v_head.summary.weight"].T + R["v_head.summary.bias"]).squeeze(-1)
-    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected.tolist(), abs=1e-5)
+    expected = skywork_reference(tok, ref.model, _weights(prm_dir), PROBLEM, STEPS)
+    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected, abs=1e-5)
 
 
 def test_prm_shares_the_loaded_policy_backbone(merged_dir, tok):

@@ -5,7 +5,7 @@ import string
 
 import pytest
 import torch
-from conftest import PROMPTS, median_reward, rsd_generate
+from conftest import PROMPTS, median_reward, rsd_generate, skywork_reference
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast, Qwen2ForSequenceClassification, Qwen2Model
@@ -27,16 +27,10 @@ def _hidden(path, ids: list[int]) -> torch.Tensor:
 def test_value_head_scores_equal_reference_from_hidden_states(skywork_path, tok):
     prm = rsd.load_reward_model(skywork_path, tokenizer=tok)
     assert isinstance(prm, rsd.ValueHeadPRM)
-    step_id = tok.encode("\n", add_special_tokens=False)[-1]
-    ids = tok.encode(tok.bos_token + PROBLEM + "\n", add_special_tokens=False)
-    positions = []
-    for step in STEPS:
-        ids += [*tok.encode(step.strip(), add_special_tokens=False), step_id]
-        positions.append(len(ids) - 1)
     w = load_file(skywork_path / "model.safetensors")
-    h = _hidden(skywork_path, ids)[positions]
-    expected = torch.sigmoid(h @ w["v_head.summary.weight"].T + w["v_head.summary.bias"]).squeeze(-1)
-    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected.tolist(), abs=1e-5)
+    backbone = Qwen2Model.from_pretrained(skywork_path).eval()
+    expected = skywork_reference(tok, backbone, w, PROBLEM, STEPS)
+    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected, abs=1e-5)
 
 
 def test_qwen_prm_scores_equal_reference_from_hidden_states(qwen_prm_path, tok):
