@@ -263,6 +263,7 @@ def rsd_decode(
     stats.prm_calls = prm.calls
     stats.forward_tokens = {"draft": m.forward_tokens, "target": M.forward_tokens, "reward": prm.forward_tokens}
     stats.padded_tokens = {"draft": m.padded_tokens, "target": M.padded_tokens, "reward": prm.state.padded_tokens}
+    stats.forward_calls = {"draft": m.forward_calls, "target": M.forward_calls, "reward": prm.state.forward_calls}
     stats.num_parameters = {
         "draft": draft.num_parameters(),
         "target": target.num_parameters(),

@@ -40,6 +40,7 @@ class RowCache:
         self.pending: list[list[int]] = [[] for _ in range(batch_size)]
         self.forward_tokens = 0  # valid positions processed
         self.padded_tokens = 0  # masked positions processed alongside them
+        self.forward_calls = 0  # model forwards (on a GPU each costs about one decode step at small chunks)
 
     @property
     def length(self) -> int:
@@ -75,6 +76,7 @@ class RowCache:
         self.mask = mask
         total = int(n.sum())
         self.forward_tokens += total
+        self.forward_calls += 1
         self.padded_tokens += ids.numel() - total
         return out
 

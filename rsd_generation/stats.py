@@ -23,6 +23,7 @@ class RSDStats:
     steps: list[list[Step]]
     forward_tokens: dict[str, int] = field(default_factory=dict)
     padded_tokens: dict[str, int] = field(default_factory=dict)
+    forward_calls: dict[str, int] = field(default_factory=dict)
     num_parameters: dict[str, int] = field(default_factory=dict)
     prm_calls: int = 0
 
@@ -61,6 +62,7 @@ class RSDStats:
             "prm_calls": self.prm_calls,
             "forward_tokens": dict(self.forward_tokens),
             "padded_tokens": dict(self.padded_tokens),
+            "forward_calls": dict(self.forward_calls),
             "num_parameters": dict(n),
             "flops": {k: 2 * n[k] * self.forward_tokens[k] for k in n},
             "decode_flops": {k: 2 * n[k] * generated[k] for k in n},

@@ -33,6 +33,12 @@ def test_forward_tokens_within_bound_of_what_each_model_needs(qwen_pair, prm, to
     assert st["forward_tokens"]["reward"] == need_prm
     assert st["forward_tokens"]["draft"] >= need_draft - len(steps)
     assert st["prm_calls"] == sum(s["source"] == "draft" for s in steps)
+    # one forward per generated token (the catch-up rides on a step's first forward), one PRM forward per step
+    assert st["forward_calls"] == {
+        "draft": st["draft_tokens"] + st["discarded_draft_tokens"],
+        "target": st["target_tokens"],
+        "reward": st["prm_calls"],
+    }
     for model in ("draft", "target", "reward"):
         assert st["flops"][model] == 2 * st["num_parameters"][model] * st["forward_tokens"][model]
 
