@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,19 @@ class _StepRules:
     separator: StopStringCriteria
     max_step_tokens: int
     user: StoppingCriteriaList
+
+
+_STOP_CRITERIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def stop_string_criteria(tokenizer, stop_strings: str | Sequence[str]) -> StopStringCriteria:
+    """A `StopStringCriteria`, built once per tokenizer and strings (it indexes the whole vocabulary: seconds
+    for a 150k-token one) and reused by later `generate` calls."""
+    per_tokenizer = _STOP_CRITERIA.setdefault(tokenizer, {})
+    key = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+    if key not in per_tokenizer:
+        per_tokenizer[key] = StopStringCriteria(tokenizer, list(key))
+    return per_tokenizer[key]
 
 
 def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
@@ -170,7 +184,7 @@ def rsd_decode(
         pad,
     )
     user = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    rules = _StepRules(StopStringCriteria(o.tokenizer, [o.separator]), o.max_step_tokens, StoppingCriteriaList(user))
+    rules = _StepRules(stop_string_criteria(o.tokenizer, [o.separator]), o.max_step_tokens, StoppingCriteriaList(user))
     problems = (
         list(o.reward_prompts)
         if o.reward_prompts is not None

@@ -6,9 +6,9 @@ import copy
 import functools
 
 import torch
-from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList, StopStringCriteria
+from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList
 
-from .decoding import RSDOptions, rsd_decode
+from .decoding import RSDOptions, rsd_decode, stop_string_criteria
 from .rewards import RewardModel
 from .weighting import DEFAULT_THRESHOLD, get_weighting
 
@@ -74,7 +74,7 @@ def _take_stop_strings(generation_config, kwargs: dict, tokenizer):
         stop, generation_config.stop_strings = stop or generation_config.stop_strings, None
     if stop:
         user = list(kwargs.get("stopping_criteria") or [])
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*user, StopStringCriteria(tokenizer, stop)])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*user, stop_string_criteria(tokenizer, stop)])
     return generation_config
 
 

@@ -185,3 +185,13 @@ def test_draft_and_target_must_share_a_tokenizer(qwen_pair, prm, tok):
     padded = make_lm("qwen2", len(tok) + 47, seed=2)
     out = rsd_generate(target, padded, prm, tok, PROMPTS, rsd_threshold=0.0)
     assert int(out.sequences.max()) < len(tok)
+
+
+def test_stop_string_criteria_are_built_once_per_tokenizer(tok):
+    from rsd_generation.decoding import stop_string_criteria
+
+    first = stop_string_criteria(tok, ["\n\n"])
+    assert stop_string_criteria(tok, ("\n\n",)) is first  # reused: indexing a 150k vocabulary takes seconds
+    assert stop_string_criteria(tok, "c") is stop_string_criteria(tok, ["c"])  # a bare string is one stop string
+    assert stop_string_criteria(tok, "c") is not first
+    assert stop_string_criteria(build_tokenizer(), ["\n\n"]) is not first  # per tokenizer

@@ -1,0 +1,257 @@
+"""Speed of RSD on a GPU against target-only decoding, on random weights of Qwen2.5-Math's shapes (bf16).
+
+A 1.5B draft, a 7B target and a 1.5B value-head PRM. Steps have a fixed length (`rsd_max_step_tokens`): random
+models do not write "\\n\\n". δ is calibrated on a pilot run to give about 80% and 50% step acceptance. Measured
+side by side in one run, at each batch size:
+- ms per forward of the draft and the target on the RSD decode path, ms per PRM step;
+- RSD end to end (tokens/s), at both acceptance levels;
+- stock `target.generate` (eager), `target.generate` with a static cache (transformers compiles it), the RSD
+  path's own loop with the target alone, and transformers assisted generation (batch 1 only);
+- the cost model's prediction of RSD's time from the measured per-forward times, and measured / predicted.
+
+    python -m benchmarks.speed [--batch-sizes 1 16] [--new-tokens 128] [--output benchmarks/results/speed-<gpu>.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    StoppingCriteriaList,
+)
+
+import rsd_generation as rsd
+from rsd_generation.decoding import _Sampling, _StepRules, decode_step, stop_string_criteria
+from rsd_generation.kv import RowCache, causal_lm_forward
+
+from .io import refuse_overwrite, write_json_atomic
+
+QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)  # fmt: skip
+QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)  # fmt: skip
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def word_tokenizer(n: int) -> PreTrainedTokenizerFast:
+    """A tokenizer of `n` tokens, "a".."z", "\\n", then "<w27>".."<w{n-1}>": decoding then encoding gives the ids
+    back (the letters and the newline let transformers' StopStringCriteria index the vocabulary)."""
+    vocab = {(chr(97 + i) if i < 26 else "\n" if i == 26 else f"<w{i}>"): i for i in range(n)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"<w\d+>|[a-z\n]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="a", padding_side="left")
+
+
+def random_model(shapes: dict, seed: int, device: str, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    """A random Qwen2 causal LM of the given shapes, built on the device in `dtype`, with no EOS."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(Qwen2Config(**shapes, max_position_embeddings=4096, pad_token_id=0)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None  # fixed-length runs: random models would stop anywhere
+    model.generation_config.pad_token_id = 0
+    return rsd.with_rsd(model)
+
+
+def _sync() -> None:
+    """Wait for the GPU (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int) -> tuple[object, float, list[float]]:
+    """Warm up once, then run `repeats` times with the device synchronised; (last result, median s, all s)."""
+    res = fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t = time.perf_counter()
+        res = fn()
+        _sync()
+        times.append(time.perf_counter() - t)
+    return res, statistics.median(times), times
+
+
+def ms_per_forward(model, tok, prompts: torch.Tensor, n: int, repeats: int) -> float:
+    """Median ms per one-token forward on the RSD decode path (`decode_step` over a `RowCache`), after a prefill."""
+    B = prompts.shape[0]
+    s = _Sampling(LogitsProcessorList(), False, None, model.config.vocab_size, torch.empty(0, dtype=torch.long), 0)
+    rules = _StepRules(stop_string_criteria(tok, ["\n\n"]), n, StoppingCriteriaList())
+    rows, budget, ctx = torch.ones(B, dtype=torch.bool), torch.full((B,), 10**6), prompts.cpu()
+
+    def run():
+        cache = RowCache(causal_lm_forward(model), model.config, B, model.device)
+        cache.pending = prompts.tolist()
+        decode_step(cache, ctx, rows, budget, s, rules)  # prefill + n tokens
+        _sync()
+        t = time.perf_counter()
+        decode_step(cache, ctx, rows, budget, s, rules)  # n more one-token forwards
+        _sync()
+        return (time.perf_counter() - t) / n * 1e3
+
+    run()
+    return statistics.median(run() for _ in range(repeats))
+
+
+def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: int) -> float:
+    """Median ms of scoring one `step_tokens`-token step for every row (and keeping it)."""
+    B = prompts.shape[0]
+    problems = tok.batch_decode(prompts.tolist())
+    g = torch.Generator().manual_seed(0)
+    steps = [
+        tok.batch_decode(torch.randint(1, 1000, (B, step_tokens), generator=g).tolist()) for _ in range(repeats + 2)
+    ]
+    prm.start(problems)
+    times = []
+    for k, texts in enumerate(steps):
+        _sync()
+        t = time.perf_counter()
+        prm.score(texts)
+        prm.resolve(torch.ones(B, dtype=torch.bool), [None] * B)
+        _sync()
+        if k >= 2:  # the first call also feeds the problem prefixes
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def measure(B: int, draft, target, prm, tok, args) -> dict:
+    """Every measurement at batch size `B`."""
+    N, R = args.new_tokens, args.repeats
+    g = torch.Generator().manual_seed(B)
+    prompts = torch.randint(1, 1000, (B, args.prompt_tokens), generator=g)
+    enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
+    fixed = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    row: dict = {"batch_size": B, "new_tokens": N, "prompt_tokens": args.prompt_tokens}
+    row["ms_per_forward"] = {
+        "draft": ms_per_forward(draft, tok, prompts, 64, R),
+        "target": ms_per_forward(target, tok, prompts, 64, R),
+    }
+    row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, prompts, args.step_tokens, R)
+    print(f"B={B} per forward {row['ms_per_forward']} ms, PRM step {row['ms_per_prm_step']:.2f} ms", flush=True)
+
+    def run_rsd(delta: float):
+        return target.generate(
+            **enc, **fixed, tokenizer=tok, assistant_model=draft, reward_model=prm, rsd_threshold=delta,
+            rsd_max_step_tokens=args.step_tokens, return_dict_in_generate=True,
+        )  # fmt: skip
+
+    pilot = run_rsd(0.0)
+    rewards = sorted(s["reward"] for r_ in pilot.rsd_stats["steps"] for s in r_)
+    times = {}
+    _, times["target_generate_eager"], _ = timed(lambda: target.generate(**enc, **fixed), R)
+    times["target_rsd_loop_alone"] = row["ms_per_forward"]["target"] * N / 1e3
+    if B == 1:  # transformers refuses batched assisted generation
+        # vocab sizes differ by padding (151936 vs 152064), so transformers takes its universal (text-level) path
+        assisted = dict(assistant_model=draft, tokenizer=tok, assistant_tokenizer=tok)
+        try:
+            _, times["assisted_generation"], _ = timed(lambda: target.generate(**enc, **fixed, **assisted), R)
+        except (ValueError, RuntimeError) as e:  # report, do not hide, a failure of the baseline
+            row["assisted_generation_error"] = f"{type(e).__name__}: {e}"
+    row["rsd"] = {}
+    for name, q in (("accept80", 0.2), ("accept50", 0.5)):
+        delta = rewards[int(q * (len(rewards) - 1))]
+        out, t, all_t = timed(lambda d=delta: run_rsd(d), R)
+        st = out.rsd_stats
+        calls = st["forward_calls"]
+        predicted = (
+            calls["draft"] * row["ms_per_forward"]["draft"]
+            + calls["target"] * row["ms_per_forward"]["target"]
+            + calls["reward"] * row["ms_per_prm_step"]
+        ) / 1e3
+        row["rsd"][name] = {
+            "delta": delta,
+            "acceptance_rate": st["acceptance_rate"],
+            "seconds": t,
+            "seconds_all": all_t,
+            "tokens_per_s": B * N / t,
+            "forward_calls": calls,
+            "predicted_seconds": predicted,
+            "measured_over_predicted": t / predicted,
+            "speedup_vs_target_generate_eager": times["target_generate_eager"] / t,
+            "speedup_vs_target_rsd_loop_alone": times["target_rsd_loop_alone"] / t,
+        }
+        print(f"B={B} RSD {name}: {row['rsd'][name]}", flush=True)
+    if not args.no_static:
+        t0 = time.perf_counter()
+        target.generate(**enc, **fixed, cache_implementation="static")
+        _sync()
+        row["static_first_call_s"] = time.perf_counter() - t0  # includes compilation
+        _, times["target_generate_static"], _ = timed(
+            lambda: target.generate(**enc, **fixed, cache_implementation="static"), R
+        )
+        for v in row["rsd"].values():
+            v["speedup_vs_target_generate_static"] = times["target_generate_static"] / v["seconds"]
+    row["target_only_seconds"] = times
+    row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    print(f"B={B} target-only {times}, peak GPU memory {row['peak_gpu_memory_gib']} GiB", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--step-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (median reported)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, for checking the script itself")
+    ap.add_argument("--no-static", action="store_true", help="skip target.generate with a static (compiled) cache")
+    ap.add_argument("--output", default=None, help="default: benchmarks/results/speed-<gpu>.json")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() and not args.tiny:
+        raise SystemExit("error: benchmarks.speed needs a CUDA GPU (only --tiny runs on the CPU, to check the script)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    output = args.output or f"benchmarks/results/speed-{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json"
+    refuse_overwrite(output, args.force)
+
+    small, big = (dict(QWEN_1_5B), dict(QWEN_7B))
+    if args.tiny:
+        small, big = {**small, **TINY}, {**big, **TINY, "hidden_size": 128}
+    tok = word_tokenizer(small["vocab_size"])
+    draft = random_model(small, 1, device, torch.bfloat16)
+    target = random_model(big, 2, device, torch.bfloat16)
+    prm_lm = random_model(small, 3, device, torch.bfloat16)
+    head = nn.Linear(small["hidden_size"], 1).to(device, torch.bfloat16)
+    prm = rsd.ValueHeadPRM(prm_lm.model, head, tok, step_token="b")
+    params = {"draft": draft.num_parameters(), "target": target.num_parameters(), "reward": prm.num_parameters}
+    print(f"{gpu}: parameters {params}", flush=True)
+
+    rows = [measure(B, draft, target, prm, tok, args) for B in args.batch_sizes]
+
+    result = {
+        "device": gpu,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "dtype": "bfloat16",
+        "parameters": params,
+        "shapes": {"draft": small, "target": big},
+        "timing": f"median of {args.repeats} synchronised runs after a warm-up",
+        "rows": rows,
+        "command": " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    write_json_atomic(output, result)
+    print(f"wrote {output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
