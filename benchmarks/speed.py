@@ -236,8 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = {"draft": draft.num_parameters(), "target": target.num_parameters(), "reward": prm.num_parameters}
     print(f"{gpu}: parameters {params}", flush=True)
 
-    rows = [measure(B, draft, target, prm, tok, args) for B in args.batch_sizes]
-
+    rows: list[dict] = []
     result = {
         "device": gpu,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -246,9 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
         "shapes": {"draft": small, "target": big},
         "timing": f"median of {args.repeats} synchronised runs after a warm-up",
         "rows": rows,
+        "complete": False,
         "command": " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)]),
     }
-    write_json_atomic(output, result)
+    for B in args.batch_sizes:  # saved after each batch size: an interrupted run keeps what it measured
+        rows.append(measure(B, draft, target, prm, tok, args))
+        result["complete"] = len(rows) == len(args.batch_sizes)
+        write_json_atomic(output, result)
     print(f"wrote {output}")
     return result
 
