@@ -115,7 +115,7 @@ def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: 
     problems = tok.batch_decode(prompts.tolist())
     g = torch.Generator().manual_seed(0)
     steps = [
-        tok.batch_decode(torch.randint(1, 1000, (B, step_tokens), generator=g).tolist()) for _ in range(repeats + 2)
+        tok.batch_decode(torch.randint(1, 1000, (B, step_tokens), generator=g).tolist()) for _ in range(repeats + 6)
     ]
     prm.start(problems)
     times = []
@@ -127,7 +127,21 @@ def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: 
         _sync()
         if k >= 2:  # the first call also feeds the problem prefixes
             times.append((time.perf_counter() - t) * 1e3)
+    print(f"PRM step ms at B={B}: {[round(x, 1) for x in times]}", flush=True)
     return statistics.median(times)
+
+
+def calibration_rewards(target, draft, prm, tok, args) -> list[float]:
+    """Draft step rewards of a pilot run (16 other prompts, every step accepted), sorted: δ is read off them."""
+    g = torch.Generator().manual_seed(10**6)
+    prompts = torch.randint(1, 1000, (16, args.prompt_tokens), generator=g).to(target.device)
+    pilot = target.generate(
+        input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=4 * args.new_tokens,
+        min_new_tokens=4 * args.new_tokens, do_sample=False, tokenizer=tok, assistant_model=draft,
+        reward_model=prm, rsd_threshold=float("-inf"), rsd_max_step_tokens=args.step_tokens,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    return sorted(s["reward"] for row in pilot.rsd_stats["steps"] for s in row)
 
 
 def measure(B: int, draft, target, prm, tok, args) -> dict:
@@ -153,8 +167,7 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
             rsd_max_step_tokens=args.step_tokens, return_dict_in_generate=True,
         )  # fmt: skip
 
-    pilot = run_rsd(0.0)
-    rewards = sorted(s["reward"] for r_ in pilot.rsd_stats["steps"] for s in r_)
+    rewards = calibration_rewards(target, draft, prm, tok, args)
     times = {}
     _, times["target_generate_eager"], _ = timed(lambda: target.generate(**enc, **fixed), R)
     times["target_rsd_loop_alone"] = row["ms_per_forward"]["target"] * N / 1e3
