@@ -32,7 +32,7 @@ from transformers import (
 )
 
 import rsd_generation as rsd
-from rsd_generation.decoding import _Sampling, _StepRules, decode_step, stop_string_criteria
+from rsd_generation.decoding import _Sampling, _StepRules, decode_step, step_separator
 from rsd_generation.kv import RowCache, causal_lm_forward
 
 from .io import refuse_overwrite, write_json_atomic
@@ -92,7 +92,7 @@ def ms_per_forward(model, tok, prompts: torch.Tensor, n: int, repeats: int) -> f
     """Median ms per one-token forward on the RSD decode path (`decode_step` over a `RowCache`), after a prefill."""
     B = prompts.shape[0]
     s = _Sampling(LogitsProcessorList(), False, None, model.config.vocab_size, torch.empty(0, dtype=torch.long), 0)
-    rules = _StepRules(stop_string_criteria(tok, ["\n\n"]), n, StoppingCriteriaList())
+    rules = _StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
     rows, budget, ctx = torch.ones(B, dtype=torch.bool), torch.full((B,), 10**6), prompts.cpu()
 
     def run():

@@ -63,7 +63,7 @@ class _Sampling:
 class _StepRules:
     """When a step (and the row) ends, besides EOS."""
 
-    separator: StopStringCriteria
+    separator: StepSeparator
     max_step_tokens: int
     user: StoppingCriteriaList
 
@@ -79,6 +79,44 @@ def stop_string_criteria(tokenizer, stop_strings: str | Sequence[str]) -> StopSt
     if key not in per_tokenizer:
         per_tokenizer[key] = StopStringCriteria(tokenizer, list(key))
     return per_tokenizer[key]
+
+
+class StepSeparator:
+    """Ends a step when its text ends in the separator (a token may merge it with neighbours, as ".\n\n").
+
+    transformers' `StopStringCriteria` runs only on the current step's tokens (never the prompt), and only when
+    the newest token's text contains the separator's last character, which any match needs (a cheap lookup
+    instead of a few dozen tensor ops per token).
+    """
+
+    def __init__(self, tokenizer, separator: str):
+        self.criteria = stop_string_criteria(tokenizer, [separator])
+        if separator[-1].isascii():
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            self.may_end = torch.tensor([separator[-1] in t for t in texts])  # may_end: [V_tok]
+        else:  # a multi-byte character may be split across byte-level tokens: check every token
+            self.may_end = torch.ones(len(tokenizer), dtype=torch.bool)
+
+    def __call__(self, step: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """`(R,)` bools: the step `(R, t)` now ends in the separator."""
+        self.may_end = self.may_end.to(step.device)
+        last = step[:, -1]
+        n = len(self.may_end)
+        possible = torch.where(last < n, self.may_end[last.clamp(max=n - 1)], False)  # possible: [R]
+        if not bool(possible.any()):
+            return possible
+        return self.criteria(step, scores).to(step.device) & possible
+
+
+_SEPARATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_separator(tokenizer, separator: str) -> StepSeparator:
+    """A `StepSeparator`, built once per tokenizer and separator."""
+    per_tokenizer = _SEPARATORS.setdefault(tokenizer, {})
+    if separator not in per_tokenizer:
+        per_tokenizer[separator] = StepSeparator(tokenizer, separator)
+    return per_tokenizer[separator]
 
 
 def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
@@ -115,7 +153,9 @@ def decode_step(
     n = torch.zeros_like(budget)  # n: [R], tokens written this step
     step = ctx[:, :0]  # step: [R, t], tokens written so far
     while True:
-        scores = s.processors(torch.cat([ctx, step], 1), logits[:, : s.vocab])  # scores: [R, V]
+        scores = logits[:, : s.vocab]  # scores: [R, V]
+        if len(s.processors):
+            scores = s.processors(torch.cat([ctx, step], 1), scores)
         tok = torch.where(alive, _pick(scores, s), s.pad)  # tok: [R]
         step = torch.cat([step, tok[:, None]], 1)
         n += alive.long()
@@ -184,7 +224,7 @@ def rsd_decode(
         pad,
     )
     user = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    rules = _StepRules(stop_string_criteria(o.tokenizer, [o.separator]), o.max_step_tokens, StoppingCriteriaList(user))
+    rules = _StepRules(step_separator(o.tokenizer, o.separator), o.max_step_tokens, StoppingCriteriaList(user))
     problems = (
         list(o.reward_prompts)
         if o.reward_prompts is not None

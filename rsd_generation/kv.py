@@ -41,6 +41,7 @@ class RowCache:
         self.forward_tokens = 0  # valid positions processed
         self.padded_tokens = 0  # masked positions processed alongside them
         self.forward_calls = 0  # model forwards (on a GPU each costs about one decode step at small chunks)
+        self.dense = True  # no masked column yet: the model may skip the padding mask (its fast causal path)
 
     @property
     def length(self) -> int:
@@ -65,16 +66,17 @@ class RowCache:
         mask = torch.cat([self.mask, valid.long()], 1)  # mask: [R, T + L]
         cache_position = torch.arange(self.length, mask.shape[1], device=self.device)  # [L]
         last = (n - 1).clamp_min(0)  # last: [R]
+        total = int(n.sum())
+        self.dense = self.dense and total == ids.numel()
         out = self.forward(
             input_ids=ids,
-            attention_mask=mask,
+            attention_mask=None if self.dense else mask,
             position_ids=pos,
             cache_position=cache_position,
             past_key_values=self.cache,
             last=last,
         )
         self.mask = mask
-        total = int(n.sum())
         self.forward_tokens += total
         self.forward_calls += 1
         self.padded_tokens += ids.numel() - total
@@ -94,6 +96,7 @@ class RowCache:
         cols = torch.arange(self.length, device=self.device)[None, :]  # cols: [1, T]
         drop = rows.to(self.device)[:, None] & (cols >= start.to(self.device)[:, None])  # drop: [R, T]
         self.mask = self.mask.masked_fill(drop, 0)
+        self.dense = self.dense and not bool(drop.any())
 
     def compact(self, min_masked: float = 0.5) -> bool:
         """Drop masked columns once they are over `min_masked` of the cache (rejected steps, batch padding).
@@ -113,6 +116,7 @@ class RowCache:
             gather = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
         self.mask = valid.gather(1, idx).long()
+        self.dense = bool(self.mask.all())
         return True
 
     def keep(self, idx: torch.Tensor) -> None:
@@ -120,6 +124,7 @@ class RowCache:
         self.cache.batch_select_indices(idx.to(self.device))
         self.mask = self.mask[idx.to(self.device)]
         self.pending = [self.pending[i] for i in idx.tolist()]
+        self.dense = bool(self.mask.all())
 
 
 def pad_right(chunks: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
