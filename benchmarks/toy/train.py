@@ -57,6 +57,21 @@ def _batch(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch
     return ids.to(device), mask.to(device)
 
 
+def _set_lr(opt, base: float, step: int, steps: int, warmup: int) -> None:
+    """Linear warm-up, then cosine decay."""
+    for g in opt.param_groups:
+        g["lr"] = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def _update(opt, params, loss: torch.Tensor) -> float:
+    """One optimiser step with gradient clipping at 1; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(loss)
+
+
 def train_policy(model, tok, steps: int, batch: int, lr: float, seed: int, device) -> list[float]:
     """Next-token loss on the solution tokens of fresh reference solutions; returns the loss curve."""
     model.to(device).train()
@@ -65,8 +80,7 @@ def train_policy(model, tok, steps: int, batch: int, lr: float, seed: int, devic
     eos = tok.eos_token_id
     losses = []
     for step in tqdm(range(steps), desc="policy", mininterval=5):
-        for g in opt.param_groups:  # warm-up then cosine
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        _set_lr(opt, lr, step, steps, warmup=100)
         probs = [Problem(*_sample_fields(rng)) for _ in range(batch)]
         prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in probs]
         sols = [tok.encode(p.solution(), add_special_tokens=False) for p in probs]
@@ -75,12 +89,7 @@ def train_policy(model, tok, steps: int, batch: int, lr: float, seed: int, devic
         labels = ids.masked_fill(mask == 0, -100)
         for i, pr in enumerate(prompts):
             labels[i, : len(pr)] = -100
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss))
+        losses.append(_update(opt, model.parameters(), model(input_ids=ids, attention_mask=mask, labels=labels).loss))
     return losses[:: max(1, steps // 50)]
 
 
@@ -163,17 +172,11 @@ def train_prm(prm: PRMHead, data: list[tuple], pad: int, steps: int, batch: int,
     rng = random.Random(seed)
     losses = []
     for step in tqdm(range(steps), desc="prm", mininterval=5):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        _set_lr(opt, lr, step, steps, warmup=50)
         ids, mask, target = _prm_batch(rng.sample(data, min(batch, len(data))), pad, device)
         logits = prm(ids, mask)
         sel = target >= 0
-        loss = F.binary_cross_entropy_with_logits(logits[sel], target[sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(prm.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss))
+        losses.append(_update(opt, prm.parameters(), F.binary_cross_entropy_with_logits(logits[sel], target[sel])))
     return losses[:: max(1, steps // 50)]
 
 
