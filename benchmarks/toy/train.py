@@ -31,7 +31,7 @@ from ..io import refuse_overwrite, write_json_atomic
 from .task import LEVELS, Problem, is_correct, problems, split_steps, step_labels
 from .tokenizer import build_toy_tokenizer
 
-SMALL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(hidden_size=96, intermediate_size=288, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 LARGE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
 MAX_LEN = 192
 
@@ -82,15 +82,23 @@ def train_policy(model, tok, steps: int, batch: int, lr: float, seed: int, devic
     for step in tqdm(range(steps), desc="policy", mininterval=5):
         _set_lr(opt, lr, step, steps, warmup=100)
         probs = [Problem(*_sample_fields(rng)) for _ in range(batch)]
-        prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in probs]
-        sols = [tok.encode(p.solution(), add_special_tokens=False) for p in probs]
+        prompts = tok([p.prompt for p in probs], add_special_tokens=False)["input_ids"]
+        sols = tok([p.solution() for p in probs], add_special_tokens=False)["input_ids"]
         seqs = [pr + sol + [eos] for pr, sol in zip(prompts, sols, strict=True)]
         ids, mask = _batch(seqs, eos, device)
         labels = ids.masked_fill(mask == 0, -100)
         for i, pr in enumerate(prompts):
             labels[i, : len(pr)] = -100
-        losses.append(_update(opt, model.parameters(), model(input_ids=ids, attention_mask=mask, labels=labels).loss))
+        with _autocast(device):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        losses.append(_update(opt, model.parameters(), loss))
     return losses[:: max(1, steps // 50)]
+
+
+def _autocast(device) -> torch.autocast:
+    """bf16 autocast on CUDA (weights and optimiser stay float32); a no-op elsewhere."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _sample_fields(rng: random.Random) -> tuple:
@@ -102,7 +110,7 @@ def _sample_fields(rng: random.Random) -> tuple:
 
 
 @torch.no_grad()
-def solve(model, tok, probs: list[Problem], device, do_sample: bool = False, batch: int = 250) -> list[str]:
+def solve(model, tok, probs: list[Problem], device, do_sample: bool = False, batch: int = 1000) -> list[str]:
     """The model's solutions (greedy or sampled at temperature 1), batched with left padding."""
     model.to(device).eval()
     out = []
@@ -165,19 +173,29 @@ def _prm_batch(examples, pad, device):
     return ids, mask, target
 
 
-def train_prm(prm: PRMHead, data: list[tuple], pad: int, steps: int, batch: int, lr: float, seed: int, device):
-    """BCE on the step-token rewards; returns the loss curve."""
+def train_prm(
+    prm: PRMHead, data: list[tuple], valid: list[tuple], pad: int, steps: int, batch: int, lr: float, seed: int, device
+) -> tuple[list[float], list[float]]:
+    """BCE on the step-token rewards, keeping the weights of the best validation ROC-AUC (checked every 250 steps,
+    the large PRM overfits its training samples otherwise); returns the loss curve and the validation AUCs."""
     prm.to(device).train()
     opt = torch.optim.AdamW(prm.parameters(), lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
-    losses = []
+    losses, aucs, best = [], [], None
     for step in tqdm(range(steps), desc="prm", mininterval=5):
         _set_lr(opt, lr, step, steps, warmup=50)
         ids, mask, target = _prm_batch(rng.sample(data, min(batch, len(data))), pad, device)
-        logits = prm(ids, mask)
+        with _autocast(device):
+            logits = prm(ids, mask).float()
         sel = target >= 0
         losses.append(_update(opt, prm.parameters(), F.binary_cross_entropy_with_logits(logits[sel], target[sel])))
-    return losses[:: max(1, steps // 50)]
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            aucs.append(roc_auc(*prm_scores(prm, valid, pad, device)))
+            if best is None or aucs[-1] > max(aucs[:-1]):
+                best = {k: v.detach().clone() for k, v in prm.state_dict().items()}
+            prm.train()
+    prm.load_state_dict(best)
+    return losses[:: max(1, steps // 50)], aucs
 
 
 @torch.no_grad()
@@ -238,57 +256,77 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every step count (0.01 to check on CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prms-only", action="store_true", help="load the policies from --output, train the PRMs only")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.output)
-    refuse_overwrite(out / "metrics.json", args.force)
+    if not args.prms_only:
+        refuse_overwrite(out / "metrics.json", args.force)
     t0 = time.time()
+    seconds: dict[str, float] = {}
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
+    gen_batch = 2000 if dev.type == "cuda" else 250
     tok = build_toy_tokenizer()
     eos, vocab = tok.eos_token_id, len(tok)
     n = lambda k: max(2, int(k * args.scale))
 
-    draft = new_policy(SMALL, vocab, eos, args.seed + 1)
-    target = new_policy(LARGE, vocab, eos, args.seed + 2)
-    curves = {"draft": train_policy(draft, tok, n(2000), 256, 3e-3, args.seed + 3, dev)}
-    curves["target"] = train_policy(target, tok, n(4000), 256, 1e-3, args.seed + 4, dev)
+    curves: dict = {}
+    if args.prms_only:
+        draft, target = (Qwen2ForCausalLM.from_pretrained(out / m, dtype=torch.float32) for m in ("draft", "target"))
+    else:
+        draft = new_policy(SMALL, vocab, eos, args.seed + 1)
+        target = new_policy(LARGE, vocab, eos, args.seed + 2)
+        curves["draft"] = train_policy(draft, tok, n(3000), 256, 3e-3, args.seed + 3, dev)
+        seconds["train_draft"] = time.time() - t0
+        curves["target"] = train_policy(target, tok, n(4000), 256, 1e-3, args.seed + 4, dev)
+        seconds["train_target"] = time.time() - t0 - sum(seconds.values())
 
     held_out = problems(10**6 + args.seed, 500)
-    metrics: dict = {"draft": accuracy(held_out, solve(draft, tok, held_out, dev))}
-    metrics["target"] = accuracy(held_out, solve(target, tok, held_out, dev))
+    metrics: dict = {"draft": accuracy(held_out, solve(draft, tok, held_out, dev, batch=gen_batch))}
+    metrics["target"] = accuracy(held_out, solve(target, tok, held_out, dev, batch=gen_batch))
     print("accuracy", json.dumps(metrics), flush=True)
-    for name, model in (("draft", draft), ("target", target)):  # saved now: a later failure keeps them
-        save_policy(model, tok, out / name)
+    if not args.prms_only:  # saved now: a later failure keeps them
+        for name, model in (("draft", draft), ("target", target)):
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            save_policy(model, tok, out / name)
+    seconds["eval_policies"] = time.time() - t0 - sum(seconds.values())
 
-    train_probs = problems(2 * 10**6 + args.seed, n(8000))
-    train_data = prm_data(tok, train_probs, solve(draft, tok, train_probs, dev, do_sample=True))
-    eval_data = prm_data(tok, held_out, solve(draft, tok, held_out, dev, do_sample=True))
+    train_probs = problems(2 * 10**6 + args.seed, n(40000))
+    train_data = prm_data(tok, train_probs, solve(draft, tok, train_probs, dev, do_sample=True, batch=gen_batch))
+    eval_data = prm_data(tok, held_out, solve(draft, tok, held_out, dev, do_sample=True, batch=gen_batch))
+    valid_probs = problems(3 * 10**6 + args.seed, 1000)  # for early stopping; disjoint from the held-out set
+    valid_data = prm_data(tok, valid_probs, solve(draft, tok, valid_probs, dev, do_sample=True, batch=gen_batch))
     labels_seen = torch.tensor([x for e in train_data for x in e[2]])
     metrics["prm_train_steps"], metrics["prm_train_positive_share"] = len(labels_seen), float(labels_seen.mean())
+    seconds["sample_prm_data"] = time.time() - t0 - sum(seconds.values())
     for name, policy, steps, lr in (("prm_small", draft, n(3000), 1e-3), ("prm_large", target, n(3000), 3e-4)):
         base = new_policy(SMALL if name == "prm_small" else LARGE, vocab, eos, 0)
         base.load_state_dict(policy.state_dict())
         prm = PRMHead(base)
-        curves[name] = train_prm(prm, train_data, eos, steps, 128, lr, args.seed + 5, dev)
+        curves[name], valid_auc = train_prm(prm, train_data, valid_data, eos, steps, 128, lr, args.seed + 5, dev)
         scores, labels = prm_scores(prm, eval_data, eos, dev)
-        metrics[name] = {"auc": roc_auc(scores, labels), "eval_steps": len(labels)}
+        metrics[name] = {"auc": roc_auc(scores, labels), "eval_steps": len(labels), "valid_auc_every_250": valid_auc}
         print(name, metrics[name], flush=True)
-        if out.exists() and (out / name).exists():
-            shutil.rmtree(out / name)
-        save_prm(prm, base.config, tok, out / name.replace("_", "-"))
+        path = out / name.replace("_", "-")
+        if path.exists():
+            shutil.rmtree(path)
+        save_prm(prm, base.config, tok, path)
+        seconds[f"train_{name}"] = time.time() - t0 - sum(seconds.values())
     metrics["parameters"] = {"draft": draft.num_parameters(), "target": target.num_parameters()}
     metrics["checkpoint_bytes"] = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     result = {
         "metrics": metrics,
         "curves": curves,
-        "seconds": time.time() - t0,
+        "seconds": {**seconds, "total": time.time() - t0},
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "command": " ".join(["python -m benchmarks.toy.train", *(sys.argv[1:] if argv is None else argv)]),
     }
-    write_json_atomic(out / "metrics.json", result)
-    print(json.dumps(metrics, indent=1))
+    name = "metrics-prms.json" if args.prms_only else "metrics.json"
+    write_json_atomic(out / name, result)
+    print(json.dumps({"metrics": metrics, "seconds": result["seconds"]}, indent=1))
     return result
 
 
