@@ -42,6 +42,8 @@ class RowCache:
         self.padded_tokens = 0  # masked positions processed alongside them
         self.forward_calls = 0  # model forwards (on a GPU each costs about one decode step at small chunks)
         self.dense = True  # no masked column yet: the model may skip the padding mask (its fast causal path)
+        self.rows = torch.arange(batch_size)  # rows: [R], original row of each cache row (rows leave via `keep`)
+        self.row_tokens = torch.zeros(batch_size, dtype=torch.long)  # valid positions processed per original row
 
     @property
     def length(self) -> int:
@@ -78,6 +80,7 @@ class RowCache:
         )
         self.mask = mask
         self.forward_tokens += total
+        self.row_tokens[self.rows] += n.cpu()
         self.forward_calls += 1
         self.padded_tokens += ids.numel() - total
         return out
@@ -124,6 +127,7 @@ class RowCache:
         self.cache.batch_select_indices(idx.to(self.device))
         self.mask = self.mask[idx.to(self.device)]
         self.pending = [self.pending[i] for i in idx.tolist()]
+        self.rows = self.rows[idx.cpu()]
         self.dense = bool(self.mask.all())
 
 

@@ -79,6 +79,11 @@ class RewardModel:
         """Token positions processed since `start`."""
         return self.state.forward_tokens if self.state is not None else 0
 
+    @property
+    def row_tokens(self) -> list[int]:
+        """Token positions processed since `start`, per row of the batch `start` was given."""
+        return self.state.row_tokens.tolist() if self.state is not None else []
+
     def start(self, problems: Sequence[str]) -> None:
         """Begin scoring one solution per problem; the prefixes are fed with the first `score` call."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -24,6 +24,7 @@ class RSDStats:
     forward_tokens: dict[str, int] = field(default_factory=dict)
     padded_tokens: dict[str, int] = field(default_factory=dict)
     forward_calls: dict[str, int] = field(default_factory=dict)
+    row_forward_tokens: dict[str, list[int]] = field(default_factory=dict)  # per model, per row
     num_parameters: dict[str, int] = field(default_factory=dict)
     prm_calls: int = 0
 
@@ -46,9 +47,17 @@ class RSDStats:
     def as_dict(self) -> dict:
         """Plain-dict view: per-row `steps` and `per_row` totals, batch totals, forward tokens and FLOPs."""
         per_row = [self.row_totals(r) for r in self.steps]
-        totals = {k: sum(r[k] for r in per_row) for k in per_row[0] if k != "acceptance_rate"} if per_row else {}
-        drafted = totals.get("draft_steps", 0)
         n = self.num_parameters
+        for i, row in enumerate(per_row):
+            fwd = {k: v[i] for k, v in self.row_forward_tokens.items()}
+            gen = {"draft": row["draft_tokens"] + row["discarded_draft_tokens"], "target": row["target_tokens"]}
+            gen["reward"] = row["draft_steps"]  # one PRM call per draft step
+            row["forward_tokens"] = fwd
+            row["flops"] = {k: 2 * n[k] * fwd[k] for k in fwd if k in n}
+            row["decode_flops"] = {k: 2 * n[k] * gen[k] for k in gen if k in n}
+        counted = ("draft_tokens", "target_tokens", "discarded_draft_tokens", "draft_steps", "accepted_steps")
+        totals = {k: sum(r[k] for r in per_row) for k in counted} if per_row else {}
+        drafted = totals.get("draft_steps", 0)
         generated = {
             "draft": totals.get("draft_tokens", 0) + totals.get("discarded_draft_tokens", 0),
             "target": totals.get("target_tokens", 0),

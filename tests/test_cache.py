@@ -94,3 +94,21 @@ def test_rows_finish_on_their_own(qwen_pair, prm, tok):
     assert torch.equal(
         out.sequences[1:], rsd_generate(target, draft, prm, tok, PROMPTS[1:], rsd_threshold=0.0).sequences
     )
+
+
+def test_per_row_counts_equal_each_row_run_alone(qwen_pair, prm, tok):
+    """Per-row forward positions and FLOPs of a batch are what each row spends when it runs alone."""
+    target, draft = qwen_pair
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    batch = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta)["rsd_stats"]
+    for model in ("draft", "target", "reward"):
+        assert sum(r["forward_tokens"][model] for r in batch["per_row"]) == batch["forward_tokens"][model]
+        assert sum(r["flops"][model] for r in batch["per_row"]) == batch["flops"][model]
+        assert sum(r["decode_flops"][model] for r in batch["per_row"]) == batch["decode_flops"][model]
+    for i, prompt in enumerate(PROMPTS):
+        alone = rsd_generate(target, draft, prm, tok, [prompt], rsd_threshold=delta)["rsd_stats"]
+        row = batch["per_row"][i]
+        assert row["flops"] == alone["flops"]
+        assert row["decode_flops"] == alone["decode_flops"]
+        # the batch prompt is left-padded; padding is masked, so not counted
+        assert row["forward_tokens"] == alone["forward_tokens"]
