@@ -318,7 +318,11 @@ def rsd_decode(
     stats.forward_tokens = {"draft": m.forward_tokens, "target": M.forward_tokens, "reward": prm.forward_tokens}
     stats.padded_tokens = {"draft": m.padded_tokens, "target": M.padded_tokens, "reward": prm.state.padded_tokens}
     stats.forward_calls = {"draft": m.forward_calls, "target": M.forward_calls, "reward": prm.state.forward_calls}
-    stats.row_forward_tokens = {"draft": m.row_tokens.tolist(), "target": M.row_tokens.tolist(), "reward": prm.row_tokens}
+    stats.row_forward_tokens = {
+        "draft": m.row_tokens.tolist(),
+        "target": M.row_tokens.tolist(),
+        "reward": prm.row_tokens,
+    }
     stats.num_parameters = {
         "draft": draft.num_parameters(),
         "target": target.num_parameters(),
