@@ -138,6 +138,21 @@ class RewardModel:
             self.resolve(torch.tensor([True]), [None])
         return rewards
 
+    @torch.no_grad()
+    def score_last(
+        self, problems: Sequence[str], histories: Sequence[Sequence[str]], steps: Sequence[str]
+    ) -> torch.Tensor:
+        """Reward of `steps[i]` after the steps `histories[i]` of `problems[i]`, for every row in one forward.
+
+        For search over candidate steps (best-of-N, beam search), where solutions branch and no cache is kept.
+        Returns `torch.FloatTensor` of shape `(R,)` on the CPU; the same as the last of `score_steps`.
+        """
+        self.start(problems)
+        for pending, history in zip(self.state.pending, histories, strict=True):
+            for h in history:
+                pending += self.step_ids(h)
+        return self.score(steps)
+
     def _encode(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens added."""
         return self.tokenizer.encode(text, add_special_tokens=False)

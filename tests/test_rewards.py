@@ -155,3 +155,16 @@ def test_sharded_checkpoint_head_is_found_in_its_shard(tmp_path, tok):
     assert isinstance(prm, rsd.ValueHeadPRM)
     assert torch.equal(prm.head.weight.data, head["v_head.summary.weight"])
     assert torch.equal(prm.head.bias.data, head["v_head.summary.bias"])
+
+
+@pytest.mark.parametrize("kind", ["value_head", "qwen_prm"])
+def test_score_last_equals_incremental_scoring_for_branching_rows(kind, skywork_path, qwen_prm_path, tok):
+    """One batched forward over rows with different problems and histories gives each row's incremental reward."""
+    prm = rsd.load_reward_model(skywork_path if kind == "value_head" else qwen_prm_path, tokenizer=tok)
+    problems = [PROBLEM, "7*8=", PROBLEM]
+    histories = [STEPS[:2], [], STEPS[:1]]
+    steps = [STEPS[2], "56\n\n", "99+1=100.\n\n"]
+    got = prm.score_last(problems, histories, steps)
+    expected = [prm.score_steps(p, [*h, s])[-1] for p, h, s in zip(problems, histories, steps, strict=True)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    assert len(set(got.tolist())) == 3, "rows must not share a score"
