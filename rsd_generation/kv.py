@@ -33,6 +33,7 @@ class RowCache:
 
     def __init__(self, forward: Forward, config, batch_size: int, device: torch.device, pad_token_id: int = 0):
         self.forward = forward
+        self.config = config
         self.cache = DynamicCache(config=config)
         self.device = device
         self.pad_token_id = pad_token_id
@@ -114,6 +115,11 @@ class RowCache:
             return False
         if any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             return False
+        if width == 0:  # nothing valid left: start afresh (an empty cache would keep a stale batch size on `keep`)
+            self.cache = DynamicCache(config=self.config)
+            self.mask = self.mask[:, :0]
+            self.dense = True
+            return True
         idx = torch.argsort(valid.to(torch.int8), dim=1, stable=True)[:, self.length - width :]  # idx: [R, W]
         for layer in self.cache.layers:
             gather = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])

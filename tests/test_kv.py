@@ -33,3 +33,17 @@ def test_pad_helpers():
     ids, valid = pad_right([[1, 2], [], [3]], 0)
     assert ids.tolist() == [[1, 2], [0, 0], [3, 0]] and valid.sum(1).tolist() == [2, 0, 1]
     assert pad_left([[1, 2], [3]], 9).tolist() == [[1, 2], [9, 3]]
+
+
+def test_rows_left_with_no_valid_column_can_shrink_and_be_fed_again(tok):
+    """Rows whose every column is masked (the rows that used them left) compact to an empty cache that `keep`
+    can still shrink: the remaining row then feeds and gets the output it would get alone."""
+    model = make_lm("qwen2", len(tok), seed=1)
+    c = RowCache(causal_lm_forward(model), model.config, 4, torch.device("cpu"))
+    c.feed(*pad_right([[5, 6, 7], [], [], []], 0))  # only row 0 is fed; rows 1-3 hold masked padding
+    c.keep(torch.tensor([1, 2, 3]))  # row 0 finishes
+    assert c.compact()
+    assert c.length == 0
+    c.keep(torch.tensor([2]))  # down to one row while the cache is empty
+    out = c.feed(torch.tensor([[9, 10]]), torch.ones(1, 2, dtype=torch.bool))
+    torch.testing.assert_close(out[0], model(input_ids=torch.tensor([[9, 10]])).logits[0, -1], rtol=1e-4, atol=1e-4)
