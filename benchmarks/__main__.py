@@ -1,5 +1,5 @@
-"""`python -m benchmarks` runs the demo (the full benchmark CLI is yet to come)."""
+"""`python -m benchmarks` is `rsd-bench` (see `benchmarks.cli`)."""
 
-from .demo import main
+from .cli import main
 
 main()

@@ -1,0 +1,364 @@
+"""rsd-bench: accuracy, FLOPs and wall-clock of RSD against target-only, draft-only, speculative decoding,
+majority voting, best-of-N, process best-of-N and beam search, on the shipped toy models or on real checkpoints.
+
+    rsd-bench --preset quick                       # toy models, CPU, a few minutes; prints the table
+    rsd-bench --preset table2 --output out/table2  # every method on 500 toy problems
+    rsd-bench --dataset math500 --draft Qwen/Qwen2.5-Math-1.5B-Instruct --target Qwen/Qwen2.5-Math-7B-Instruct \\
+        --prm small=Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B --methods target draft rsd --deltas 0.7
+
+Per-question results go to OUTPUT/records.jsonl as they are produced (`--resume` continues an interrupted run),
+then summary.json, table.md and plots under OUTPUT/plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from math_verify import parse
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rsd_generation as rsd
+
+from . import datasets
+from .io import RecordStore, write_json_atomic
+from .methods import METHODS, Batch, Models, Setting, seed_for, split
+from .report import markdown, plot, summarize
+from .toy.task import SEPARATOR, final_answer
+
+TOY = Path(__file__).resolve().parent / "toy" / "models"
+ALL_METHODS = (
+    "target",
+    "draft",
+    "sd",
+    "rsd",
+    "rsd_merged",
+    "majority",
+    "best_of_n",
+    "process_best_of_n",
+    "beam_search",
+)
+WEIGHTINGS = ("binary", "constant", "clip", "sigmoidal", "logistic")
+PRESETS = {
+    "quick": dict(
+        num_problems=50, methods=["target", "draft", "rsd", "majority", "best_of_n"], deltas=[0.5, 0.7, 0.9],
+        rsd_prms=["large"], n=[4], output="out/quick",
+    ),
+    "table2": dict(
+        num_problems=500, methods=list(ALL_METHODS), deltas=[0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+        weightings=list(WEIGHTINGS), rsd_prms=["small", "large"], n=[4, 16], beams=[4, 8], output="out/table2",
+    ),
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="rsd-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named set of the options below (flags override)")
+    g = ap.add_argument_group("data")
+    g.add_argument("--dataset", choices=["toy", "math500", "gsm8k"], default="toy")
+    g.add_argument("--data-dir", type=Path, help=f"folder holding math500/ and gsm8k/ (default {datasets.DATA_DIR})")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-problems", type=int, default=None, help="toy: how many; real data: the first N")
+    g.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="toy levels")
+    g = ap.add_argument_group("models")
+    g.add_argument("--draft", default=str(TOY / "draft"))
+    g.add_argument("--target", default=str(TOY / "target"))
+    g.add_argument(
+        "--prm", nargs="+", default=[f"small={TOY / 'prm-small'}", f"large={TOY / 'prm-large'}"],
+        help="reward models as NAME=PATH (a bare PATH is named by its folder)",
+    )  # fmt: skip
+    g.add_argument("--merged-draft", help="merged draft+PRM checkpoint (default: merged on the fly into OUTPUT/merged)")
+    g.add_argument("--merged-target", help="merged target+PRM checkpoint (default: merged on the fly)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on CPU, bfloat16 on GPU")  # fmt: skip
+    g.add_argument(
+        "--device-map", default=None, help="passed to from_pretrained (default: cuda if available, else cpu)"
+    )
+    g = ap.add_argument_group("methods")
+    g.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=["target", "draft", "rsd"])
+    g.add_argument("--deltas", type=float, nargs="+", default=[0.7], help="RSD thresholds δ (binary, logistic)")
+    g.add_argument("--weightings", nargs="+", choices=WEIGHTINGS, default=["binary"])
+    g.add_argument("--rsd-prms", nargs="+", default=None, help="names of the PRMs RSD runs with (default: all)")
+    g.add_argument("--n", type=int, nargs="+", default=[4], help="samples of majority voting, best-of-N, process BoN")
+    g.add_argument("--beams", type=int, nargs="+", default=[4], help="beam sizes of beam search")
+    g.add_argument("--beam-expand", type=int, default=4, help="next steps sampled per beam")
+    g = ap.add_argument_group("decoding")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: 160 (toy), 2048 (real data)")
+    g.add_argument("--max-step-tokens", type=int, default=None, help="default: 48 (toy), 512 (real data)")
+    g.add_argument("--temperature", type=float, default=0.7, help="of the sampling baselines")
+    g.add_argument("--do-sample", action="store_true", help="sample the single-answer methods too (default greedy)")
+    g = ap.add_argument_group("output")
+    g.add_argument("--output", type=Path, default=None)
+    g.add_argument("--resume", action="store_true", help="continue OUTPUT/records.jsonl, skipping finished questions")
+    g.add_argument("--force", action="store_true", help="discard OUTPUT's earlier results")
+    g.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    preset = PRESETS.get(args.preset, {})
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+    for k, v in preset.items():
+        if k not in given:
+            setattr(args, k, v)
+    _validate(ap, args)
+    return args
+
+
+def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad values with the value named."""
+    for name in ("batch_size", "beam_expand"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("n", "beams"):
+        if any(v < 1 for v in getattr(args, name)):
+            ap.error(f"--{name} values must be at least 1, got {getattr(args, name)}")
+    if args.num_problems is not None and args.num_problems < 1:
+        ap.error(f"--num-problems must be at least 1, got {args.num_problems}")
+    if bad := [lv for lv in args.levels if lv not in (1, 2, 3, 4, 5)]:
+        ap.error(f"--levels must be within 1-5, got {bad}")
+    if not args.temperature > 0:
+        ap.error(f"--temperature must be positive, got {args.temperature}")
+    args.prm = dict(_named(p) for p in args.prm)
+    if args.rsd_prms is not None and (bad := [p for p in args.rsd_prms if p not in args.prm]):
+        ap.error(f"--rsd-prms names unknown reward models {bad}; known: {sorted(args.prm)}")
+    needs_prm = {"rsd", "rsd_merged", "best_of_n", "process_best_of_n", "beam_search"} & set(args.methods)
+    if needs_prm and not args.prm:
+        ap.error(f"methods {sorted(needs_prm)} need a reward model (--prm)")
+    toy = args.dataset == "toy"
+    args.num_problems = args.num_problems or (100 if toy else None)
+    args.max_new_tokens = args.max_new_tokens or (160 if toy else 2048)
+    args.max_step_tokens = args.max_step_tokens or (48 if toy else 512)
+    args.output = args.output or Path(f"out/{args.dataset}")
+
+
+def _named(spec: str) -> tuple[str, str]:
+    """NAME=PATH, or PATH named by its last folder."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep else (Path(spec).name, spec)
+
+
+def build_settings(args: argparse.Namespace) -> list[Setting]:
+    """The result rows to run, in table order."""
+    prms = args.rsd_prms or list(args.prm)
+    last = list(args.prm)[-1]  # the search baselines use the last (largest) PRM
+    out = []
+    for m in args.methods:
+        if m in ("target", "draft", "sd"):
+            out.append(Setting(m, m))
+        elif m == "rsd":
+            for prm in prms:
+                for w in args.weightings:
+                    if w in ("binary", "logistic", "constant"):
+                        for d in args.deltas if w != "constant" else [0.5]:
+                            label = f"{w} δ={d}" if w != "constant" else f"constant p={d}"
+                            out.append(Setting("rsd", f"{label} prm={prm}", {"prm": prm, "delta": d, "weighting": w}))
+                    else:
+                        out.append(Setting("rsd", f"{w} prm={prm}", {"prm": prm, "delta": 0.7, "weighting": w}))
+        elif m == "rsd_merged":
+            for which in ("draft*", "target*"):
+                out.append(Setting("rsd_merged", f"merged {which} δ=0.7", {"merged": which, "delta": 0.7}))
+        elif m == "majority":
+            out += [Setting(m, f"maj@{n}", {"n": n}) for n in args.n]
+        elif m == "best_of_n":
+            out += [Setting(m, f"bon@{n} prm={last}", {"n": n, "prm": last}) for n in args.n]
+        elif m == "process_best_of_n":
+            out += [Setting(m, f"pbon@{n} prm={last}", {"beam": 1, "expand": n, "prm": last}) for n in args.n]
+        elif m == "beam_search":
+            e = args.beam_expand
+            out += [Setting(m, f"beam{b}x{e} prm={last}", {"beam": b, "expand": e, "prm": last}) for b in args.beams]
+    return out
+
+
+def _dtype(name: str, device_map: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device_map == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def load_models(args: argparse.Namespace) -> Models:
+    """Policies, tokenizer and reward models from paths or hub ids; merged checkpoints when asked for."""
+    device_map = args.device_map or ("cuda" if torch.cuda.is_available() else "cpu")
+    kw = {"dtype": _dtype(args.dtype, device_map), "device_map": device_map}
+    tok = AutoTokenizer.from_pretrained(args.target)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    target = rsd.with_rsd(AutoModelForCausalLM.from_pretrained(args.target, **kw).eval())
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, **kw).eval()
+    prms = {name: rsd.load_reward_model(path, **kw) for name, path in args.prm.items()}
+    merged = {}
+    if "rsd_merged" in args.methods:
+        names = list(args.prm)
+        for which, policy, prm, given in (
+            ("draft*", args.draft, args.prm[names[0]], args.merged_draft),
+            ("target*", args.target, args.prm[names[-1]], args.merged_target),
+        ):
+            path = Path(given) if given else args.output / "merged" / which.replace("*", "-star")
+            if not given and not path.exists():
+                from merging import merge_prm_with_policy
+
+                merge_prm_with_policy(policy, prm, path)
+            model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+            merged[which] = (model, rsd.load_reward_model(path, backbone=model, tokenizer=tok))
+    return Models(
+        tokenizer=tok, draft=draft, target=target, prms=prms, merged=merged,
+        separator=SEPARATOR, max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
+        temperature=args.temperature, do_sample=args.do_sample,
+    )  # fmt: skip
+
+
+def load_examples(args: argparse.Namespace) -> list[datasets.Example]:
+    if args.dataset == "toy":
+        return datasets.load_toy_dataset(args.seed, args.num_problems, tuple(args.levels))
+    path = args.data_dir / args.dataset / "test.jsonl" if args.data_dir else None
+    return datasets.load_jsonl_dataset(args.dataset, path, limit=args.num_problems)
+
+
+def prompts_for(examples: list[datasets.Example], tok) -> tuple[list[str], list[str]]:
+    """Policy prompts and the problem text the PRM sees. Toy: the trained format ("Compute ...\\n\\n") for both;
+    real data: Qwen2.5-Math's chat prompt for the policies, the bare question for the PRM."""
+    if examples and examples[0].dataset == "toy":
+        texts = [e.question + SEPARATOR for e in examples]
+        return texts, texts
+    return [datasets.qwen_math_prompt(tok, e.question) for e in examples], [e.question for e in examples]
+
+
+def answer_key(example: datasets.Example, response: str) -> str | None:
+    """The final answer majority voting counts: toy, the stated number; real data, math-verify's extraction."""
+    if example.dataset == "toy":
+        n = final_answer(response)
+        return None if n is None else str(n)
+    parsed = parse(response)
+    return str(parsed[0]) if parsed else None
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Run every setting over every example (skipping finished ones), saving as it goes; returns the summary."""
+    out: Path = args.output
+    store = RecordStore(out / "records.jsonl", resume=args.resume, force=args.force)
+    config = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("resume", "force", "preset", "output", "no_plots")
+    }
+    _check_resume(out / "run.json", config, args.resume)
+    write_json_atomic(out / "run.json", config)
+    examples = load_examples(args)
+    models = load_models(args)
+    prompts, problems = prompts_for(examples, models.tokenizer)
+    settings = build_settings(args)
+    todo = [(s, i) for s in settings for i, e in enumerate(examples) if (s.key, e.id) not in store.done]
+    bar = tqdm(total=len(todo), desc="rsd-bench", unit="question", disable=None)
+    for setting in settings:
+        idx = [i for s, i in todo if s == setting]
+        size = 1 if setting.method == "sd" else args.batch_size
+        for k in range(0, len(idx), size):
+            chunk = idx[k : k + size]
+            bar.set_postfix_str(setting.name)
+            batch = Batch(
+                prompts=[prompts[i] for i in chunk],
+                problems=[problems[i] for i in chunk],
+                seed=seed_for(setting, examples[chunk[0]].id, args.seed),
+                answer_key=lambda row, text, chunk=chunk: answer_key(examples[chunk[row]], text),
+            )
+            _sync()
+            t0 = time.perf_counter()
+            results = METHODS[setting.method](models, setting, batch)
+            _sync()
+            wall = (time.perf_counter() - t0) / len(chunk)
+            store.add([_record(examples[i], setting, res, wall) for i, res in zip(chunk, results, strict=True)])
+            bar.update(len(chunk))
+        _write_summary(out, store.records, settings, args)
+    bar.close()
+    rows = _write_summary(out, store.records, settings, args)
+    if not args.no_plots:
+        rewards = step_rewards(models, store.records, {e.id: p for e, p in zip(examples, problems, strict=True)})
+        if rewards:
+            write_json_atomic(out / "step_rewards.json", rewards)
+        plot(rows, rewards, out / "plots")
+    return rows
+
+
+def _record(example, setting: Setting, res: dict, wall: float) -> dict:
+    """One line of records.jsonl."""
+    return {
+        "id": example.id,
+        "level": example.level,
+        "dataset": example.dataset,
+        "method": setting.method,
+        "setting": setting.key,
+        "correct": datasets.grade(example, res["response"]),
+        "wall_s": wall,
+        **res,
+    }
+
+
+def _check_resume(path: Path, config: dict, resume: bool) -> None:
+    """A resumed run must use the settings it started with (other records would be mixed in)."""
+    if not resume or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    keys = ("dataset", "seed", "num_problems", "levels", "draft", "target", "prm", "max_new_tokens", "max_step_tokens")
+    diff = {k: (old.get(k), config.get(k)) for k in keys if old.get(k) != config.get(k)}
+    if diff:
+        raise SystemExit(f"error: --resume with settings that differ from the run in {path}: {diff} (was, now)")
+
+
+def _write_summary(out: Path, records: list[dict], settings: list[Setting], args) -> list[dict]:
+    """summary.json and table.md from every record so far (atomic)."""
+    rows = summarize(records, [s.key for s in settings])
+    write_json_atomic(
+        out / "summary.json",
+        {
+            "rows": rows,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "command": "rsd-bench " + " ".join(sys.argv[1:]),
+        },
+    )
+    tmp = out / ".table.md.tmp"
+    tmp.write_text(markdown(rows))
+    tmp.replace(out / "table.md")
+    return rows
+
+
+def step_rewards(models: Models, records: list[dict], problems: dict[str, str], limit: int = 200) -> dict | None:
+    """PRM rewards of every step of the draft-only and target-only responses (Fig. 3), scored by the PRM RSD used
+    first, for up to `limit` questions each."""
+    if not models.prms:
+        return None
+    prm = next(iter(models.prms.values()))
+    out = {}
+    for method in ("draft", "target"):
+        recs = [r for r in records if r["setting"] == f"{method}|{method}"][:limit]
+        rows = [(problems[r["id"]], split(r["response"], models.separator)) for r in recs]
+        items = [(p, steps[:k], steps[k]) for p, steps in rows for k in range(len(steps))]
+        values = []
+        for k in range(0, len(items), 64):
+            chunk = items[k : k + 64]
+            values += prm.score_last(*map(list, zip(*chunk, strict=True))).tolist()
+        if values:
+            out[method] = values
+    return out or None
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    rows = run(args)
+    print(markdown(rows))
+    print(f"results in {args.output}/ (records.jsonl, summary.json, table.md, plots/)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The benchmark CLI: FLOPs accounting on hand-computed cases, summaries, resume after an interruption, bad input."""
+
+import json
+
+import pytest
+
+from benchmarks import cli, methods
+from benchmarks.io import RecordStore
+from benchmarks.methods import costs, plain_positions, split
+from benchmarks.report import markdown, summarize
+from benchmarks.toy.tokenizer import build_toy_tokenizer
+from rsd_generation.testing import make_lm, save_value_head_prm
+
+QUICK = ["--num-problems", "4", "--batch-size", "2", "--max-new-tokens", "60", "--no-plots"]
+
+
+def test_plain_generation_cost_by_hand():
+    # prompt of 10 tokens, two samples of 5 and 3 new tokens: 10 + 4 + 2 positions; 8 generated tokens
+    assert plain_positions(10, [5, 3]) == 16
+    assert plain_positions(7, [0]) == 7
+    c = costs({"draft": 100, "reward": 1000}, {"draft": 16, "reward": 12}, {"draft": 8, "reward": 2})
+    assert c == {
+        "flops": {"draft": 2 * 100 * 16, "reward": 2 * 1000 * 12},
+        "decode_flops": {"draft": 2 * 100 * 8, "reward": 2 * 1000 * 2},
+    }
+
+
+def _rec(setting, id_, level, correct, flops, decode, **kw):
+    method = setting.split("|")[0]
+    return {"setting": setting, "method": method, "id": id_, "level": level, "correct": correct, "flops": flops,
+            "decode_flops": decode, "wall_s": 0.5, "new_tokens": 10, **kw}  # fmt: skip
+
+
+def test_summary_ratios_levels_and_rsd_shares_by_hand():
+    records = [
+        _rec("target|target", "a", 1, True, {"target": 1000}, {"target": 400}),
+        _rec("target|target", "b", 2, True, {"target": 3000}, {"target": 600}),
+        _rec("rsd|x", "a", 1, True, {"draft": 100, "target": 0, "reward": 100}, {"draft": 40, "reward": 10},
+             draft_steps=4, accepted_steps=4, draft_only=True),
+        _rec("rsd|x", "b", 2, False, {"draft": 300, "target": 1300, "reward": 200}, {"draft": 60, "target": 300},
+             draft_steps=6, accepted_steps=3, draft_only=False),
+    ]  # fmt: skip
+    target, r = summarize(records, ["target|target", "rsd|x"])
+    assert target["flops_vs_target"] == 1.0 and target["acceptance_rate"] is None
+    assert r["accuracy"] == 0.5 and r["accuracy_per_level"] == {"1": 1.0, "2": 0.0}
+    assert r["flops"] == pytest.approx((200 + 1800) / 2)  # mean per question, all models
+    assert r["flops_vs_target"] == pytest.approx(2000 / 4000)
+    assert r["decode_flops_vs_target"] == pytest.approx(410 / 1000)
+    assert r["flops_per_model"] == {"draft": 200, "target": 650, "reward": 150}
+    assert r["acceptance_rate"] == pytest.approx(7 / 10)
+    assert r["draft_only_share"] == 0.5 and r["draft_only_share_per_level"] == {"1": 1.0, "2": 0.0}
+    assert r["wall_s"] == 1.0 and r["tokens_per_s"] == 20
+    table = markdown([target, r])
+    assert "| rsd | x | 2 | 50.0 | 0.41 | 0.50 | 0.70 | 0.50 |" in table
+
+
+def test_split_keeps_separators_and_drops_empty_steps():
+    assert split("1+1=2\n\n2*3=6\n\nThe answer is 6.", "\n\n") == ["1+1=2\n\n", "2*3=6\n\n", "The answer is 6."]
+    assert split("a\n\n\n\nb\n\n", "\n\n") == ["a\n\n", "b\n\n"]
+    assert split("", "\n\n") == []
+
+
+def test_record_store_cuts_a_torn_line_and_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "records.jsonl"
+    store = RecordStore(path)
+    store.add([{"setting": "s", "id": "1"}, {"setting": "s", "id": "2"}])
+    with open(path, "a") as f:
+        f.write('{"setting": "s", "id": "3", "resp')  # a crash mid-write
+    with pytest.raises(SystemExit, match="--resume"):
+        RecordStore(path)
+    resumed = RecordStore(path, resume=True)
+    assert resumed.done == {("s", "1"), ("s", "2")}
+    resumed.add([{"setting": "s", "id": "3"}])
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["1", "2", "3"]
+    RecordStore(path, force=True)
+    assert not path.exists()
+
+
+def test_cli_runs_every_method_on_the_toy_models(tmp_path):
+    out = tmp_path / "all"
+    args = [*QUICK, "--num-problems", "2", "--methods", *cli.ALL_METHODS, "--n", "2", "--beams", "2",
+            "--beam-expand", "2", "--output", str(out)]  # fmt: skip
+    rows = cli.main(args)
+    by = {r["setting"]: r for r in rows}
+    expected = {"target", "draft", "sd", "binary δ=0.7 prm=small", "binary δ=0.7 prm=large", "merged draft* δ=0.7"}
+    expected |= {"merged target* δ=0.7", "maj@2", "bon@2 prm=large", "pbon@2 prm=large", "beam2x2 prm=large"}
+    assert set(by) == expected
+    assert all(r["n"] == 2 for r in rows)
+    assert by["target"]["flops_vs_target"] == 1.0
+    assert by["draft"]["flops_vs_target"] < 0.2  # the draft has a tenth of the target's parameters
+    for name in ("bon@2 prm=large", "beam2x2 prm=large", "binary δ=0.7 prm=large"):
+        assert by[name]["flops_per_model"]["reward"] > 0
+    recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * len(expected)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["setting"] for r in summary["rows"]] == [r["setting"] for r in rows]
+    assert (out / "table.md").read_text() == markdown(rows)
+
+
+def test_resume_after_an_interrupted_run_loses_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = [*QUICK, "--methods", "target", "rsd", "--output", str(out)]
+    calls = {"n": 0}
+    real = methods.run_rsd
+
+    def crash_on_second_batch(*a):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setitem(cli.METHODS, "rsd", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    before = (out / "records.jsonl").read_text().splitlines()
+    assert len(before) == 4 + 2  # target on 4 questions, then the first RSD batch (2 questions) before the crash
+    monkeypatch.setitem(cli.METHODS, "rsd", real)
+    with pytest.raises(SystemExit, match="--resume"):
+        cli.main(args)  # neither --resume nor --force: refused, nothing touched
+    assert (out / "records.jsonl").read_text().splitlines() == before
+    with pytest.raises(SystemExit, match="differ"):
+        cli.main([*args, "--resume", "--seed", "1"])
+    ran = []
+    monkeypatch.setitem(cli.METHODS, "rsd", lambda m, s, b: ran.append(len(b.prompts)) or real(m, s, b))
+    rows = cli.main([*args, "--resume"])
+    after = (out / "records.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before  # kept as written
+    keys = [(json.loads(x)["setting"], json.loads(x)["id"]) for x in after]
+    assert len(keys) == len(set(keys)) == 4 * 3  # target + RSD with two PRMs, each on 4 questions
+    assert sum(ran) == 4 * 2 - 2  # only the questions not finished before the crash
+    assert all(r["n"] == 4 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--levels", "0", "6"], "--levels must be within 1-5, got [0, 6]"),
+        (["--rsd-prms", "huge"], "--rsd-prms names unknown reward models ['huge']"),
+        (["--n", "0"], "--n values must be at least 1"),
+        (["--temperature", "0"], "--temperature must be positive, got 0.0"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_value(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_real_dataset_path_runs_on_tiny_checkpoints(tmp_path):
+    """GSM8K through the real-data path (chat-less prompt fallback, math-verify grading) on tiny random models."""
+    tok = build_toy_tokenizer()  # byte-level: any question text, and the PRM's "\n" step token
+    for name, seed, hidden in (("draft", 2, 32), ("target", 1, 64)):
+        make_lm("qwen2", len(tok), seed=seed, hidden_size=hidden).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    save_value_head_prm(tmp_path / "prm", tok, seed=5)
+    rows = cli.main(
+        ["--dataset", "gsm8k", "--num-problems", "2", "--draft", str(tmp_path / "draft"), "--target",
+         str(tmp_path / "target"), "--prm", f"p={tmp_path / 'prm'}", "--methods", "target", "rsd", "--max-new-tokens",
+         "12", "--max-step-tokens", "4", "--output", str(tmp_path / "out"), "--no-plots"]
+    )  # fmt: skip
+    assert [r["setting"] for r in rows] == ["target", "binary δ=0.7 prm=p"]
+    recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in recs} == {"0", "1"} and all(r["dataset"] == "gsm8k" for r in recs)
+    assert all(r["correct"] is False for r in recs)  # random models answer nothing
