@@ -48,8 +48,8 @@ ALL_METHODS = (
 WEIGHTINGS = ("binary", "constant", "clip", "sigmoidal", "logistic")
 PRESETS = {
     "quick": dict(
-        num_problems=50, methods=["target", "draft", "rsd", "majority", "best_of_n"], deltas=[0.5, 0.7, 0.9],
-        rsd_prms=["large"], n=[4], output="out/quick",
+        num_problems=50, methods=["target", "draft", "sd", "rsd", "majority", "best_of_n", "process_best_of_n"],
+        deltas=[0.5, 0.7, 0.9], n=[4], output="out/quick",
     ),
     "table2": dict(
         num_problems=500, methods=list(ALL_METHODS), deltas=[0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
@@ -100,6 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue OUTPUT/records.jsonl, skipping finished questions")
     g.add_argument("--force", action="store_true", help="discard OUTPUT's earlier results")
     g.add_argument("--no-plots", action="store_true")
+    g.add_argument(
+        "--report-only", action="store_true",
+        help="run nothing: rebuild summary.json, table.md and plots from OUTPUT/records.jsonl (e.g. after concatenating"
+        " the records of runs split over several processes)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     preset = PRESETS.get(args.preset, {})
     given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
@@ -134,7 +139,7 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.num_problems = args.num_problems or (100 if toy else None)
     args.max_new_tokens = args.max_new_tokens or (160 if toy else 2048)
     args.max_step_tokens = args.max_step_tokens or (48 if toy else 512)
-    args.output = args.output or Path(f"out/{args.dataset}")
+    args.output = Path(args.output or f"out/{args.dataset}")
 
 
 def _named(spec: str) -> tuple[str, str]:
@@ -352,12 +357,34 @@ def step_rewards(models: Models, records: list[dict], problems: dict[str, str], 
     return out or None
 
 
+def report_only(args: argparse.Namespace) -> list[dict]:
+    """Summary, table and plots from the records on disk, rows in the order the options give."""
+    store = RecordStore(args.output / "records.jsonl", resume=True)
+    if not store.records:
+        raise SystemExit(f"error: no records in {args.output / 'records.jsonl'}")
+    order = [s.key for s in build_settings(args)]
+    order += [k for k in dict.fromkeys(r["setting"] for r in store.records) if k not in order]
+    rows = summarize(store.records, order)
+    _write_summary(args.output, store.records, [Setting(*k.split("|", 1)) for k in order], args)
+    if not args.no_plots:
+        rewards_file = args.output / "step_rewards.json"
+        rewards = json.loads(rewards_file.read_text()) if rewards_file.exists() else None
+        plot(rows, rewards, args.output / "plots")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    rows = run(args)
+    rows = report_only(args) if args.report_only else run(args)
     print(markdown(rows))
     print(f"results in {args.output}/ (records.jsonl, summary.json, table.md, plots/)")
     return rows
+
+
+def entry() -> int:
+    """The `rsd-bench` console script."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

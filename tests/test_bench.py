@@ -163,3 +163,15 @@ def test_real_dataset_path_runs_on_tiny_checkpoints(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert {r["id"] for r in recs} == {"0", "1"} and all(r["dataset"] == "gsm8k" for r in recs)
     assert all(r["correct"] is False for r in recs)  # random models answer nothing
+
+
+def test_report_only_rebuilds_the_summary_from_concatenated_records(tmp_path):
+    a, b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    cli.main([*QUICK, "--num-problems", "2", "--methods", "target", "--output", str(a)])
+    cli.main([*QUICK, "--num-problems", "2", "--methods", "draft", "--output", str(b)])
+    merged.mkdir()
+    (merged / "records.jsonl").write_text((a / "records.jsonl").read_text() + (b / "records.jsonl").read_text())
+    rows = cli.main(["--report-only", "--methods", "target", "draft", "--output", str(merged), "--no-plots"])
+    assert [r["setting"] for r in rows] == ["target", "draft"]
+    assert rows[1]["flops_vs_target"] < 0.2  # the ratio spans records from both runs
+    assert json.loads((merged / "summary.json").read_text())["rows"] == rows
