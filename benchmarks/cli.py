@@ -286,10 +286,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         _write_summary(out, store.records, settings, args)
     bar.close()
     rows = _write_summary(out, store.records, settings, args)
+    rewards = step_rewards(models, store.records, {e.id: p for e, p in zip(examples, problems, strict=True)})
+    if rewards:
+        write_json_atomic(out / "step_rewards.json", rewards)
     if not args.no_plots:
-        rewards = step_rewards(models, store.records, {e.id: p for e, p in zip(examples, problems, strict=True)})
-        if rewards:
-            write_json_atomic(out / "step_rewards.json", rewards)
         plot(rows, rewards, out / "plots")
     return rows
 
@@ -319,15 +319,20 @@ def _check_resume(path: Path, config: dict, resume: bool) -> None:
         raise SystemExit(f"error: --resume with settings that differ from the run in {path}: {diff} (was, now)")
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
 def _write_summary(out: Path, records: list[dict], settings: list[Setting], args) -> list[dict]:
     """summary.json and table.md from every record so far (atomic)."""
     rows = summarize(records, [s.key for s in settings])
+    ran_here = not args.report_only
     write_json_atomic(
         out / "summary.json",
         {
             "rows": rows,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "device": _device_name() if ran_here else "(rebuilt by --report-only: see the summaries of the runs)",
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__} if ran_here else None,
             "command": "rsd-bench " + " ".join(sys.argv[1:]),
         },
     )
