@@ -69,7 +69,7 @@ def _update(opt, params, loss: torch.Tensor) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train_policy(model, tok, steps: int, batch: int, lr: float, seed: int, device) -> list[float]:
