@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from math_verify import parse
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,7 +30,7 @@ from . import datasets
 from .io import RecordStore, write_json_atomic
 from .methods import METHODS, Batch, Models, Setting, seed_for, split
 from .report import markdown, plot, summarize
-from .toy.task import SEPARATOR, final_answer
+from .toy.task import SEPARATOR
 
 TOY = Path(__file__).resolve().parent / "toy" / "models"
 ALL_METHODS = (
@@ -233,15 +232,6 @@ def prompts_for(examples: list[datasets.Example], tok) -> tuple[list[str], list[
     return [datasets.qwen_math_prompt(tok, e.question) for e in examples], [e.question for e in examples]
 
 
-def answer_key(example: datasets.Example, response: str) -> str | None:
-    """The final answer majority voting counts: toy, the stated number; real data, math-verify's extraction."""
-    if example.dataset == "toy":
-        n = final_answer(response)
-        return None if n is None else str(n)
-    parsed = parse(response)
-    return str(parsed[0]) if parsed else None
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -274,7 +264,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 prompts=[prompts[i] for i in chunk],
                 problems=[problems[i] for i in chunk],
                 seed=seed_for(setting, examples[chunk[0]].id, args.seed),
-                answer_key=lambda row, text, chunk=chunk: answer_key(examples[chunk[row]], text),
+                answer_key=lambda row, text, chunk=chunk: datasets.answer_key(examples[chunk[row]], text),
             )
             _sync()
             t0 = time.perf_counter()
@@ -283,9 +273,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             wall = (time.perf_counter() - t0) / len(chunk)
             store.add([_record(examples[i], setting, res, wall) for i, res in zip(chunk, results, strict=True)])
             bar.update(len(chunk))
-        _write_summary(out, store.records, settings, args)
+        # after every setting, so a crash keeps it current
+        rows = _write_summary(out, store.records, [s.key for s in settings], args)
     bar.close()
-    rows = _write_summary(out, store.records, settings, args)
     rewards = step_rewards(models, store.records, {e.id: p for e, p in zip(examples, problems, strict=True)})
     if rewards:
         write_json_atomic(out / "step_rewards.json", rewards)
@@ -323,9 +313,9 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
 
 
-def _write_summary(out: Path, records: list[dict], settings: list[Setting], args) -> list[dict]:
-    """summary.json and table.md from every record so far (atomic)."""
-    rows = summarize(records, [s.key for s in settings])
+def _write_summary(out: Path, records: list[dict], order: list[str], args) -> list[dict]:
+    """summary.json and table.md from every record so far (atomic), rows in the order of the setting keys `order`."""
+    rows = summarize(records, order)
     ran_here = not args.report_only
     write_json_atomic(
         out / "summary.json",
@@ -343,8 +333,8 @@ def _write_summary(out: Path, records: list[dict], settings: list[Setting], args
 
 
 def step_rewards(models: Models, records: list[dict], problems: dict[str, str], limit: int = 200) -> dict | None:
-    """PRM rewards of every step of the draft-only and target-only responses (Fig. 3), scored by the PRM RSD used
-    first, for up to `limit` questions each."""
+    """PRM rewards of every step of the draft-only and target-only responses (Fig. 3), scored by the first `--prm`,
+    for up to `limit` questions each."""
     if not models.prms:
         return None
     prm = next(iter(models.prms.values()))
@@ -369,8 +359,7 @@ def report_only(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"error: no records in {args.output / 'records.jsonl'}")
     order = [s.key for s in build_settings(args)]
     order += [k for k in dict.fromkeys(r["setting"] for r in store.records) if k not in order]
-    rows = summarize(store.records, order)
-    _write_summary(args.output, store.records, [Setting(*k.split("|", 1)) for k in order], args)
+    rows = _write_summary(args.output, store.records, order, args)
     if not args.no_plots:
         rewards_file = args.output / "step_rewards.json"
         rewards = json.loads(rewards_file.read_text()) if rewards_file.exists() else None

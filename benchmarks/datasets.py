@@ -172,3 +172,13 @@ def grade(example: Example, response: str) -> bool:
     timeout = _timeout()
     target = parse(response, parsing_timeout=timeout)
     return bool(target) and verify(_parse_gold(example.gold), target, timeout_seconds=timeout)
+
+
+def answer_key(example: Example, response: str) -> str | None:
+    """The final answer majority voting counts: toy, the stated number; MATH500 / GSM8K, math-verify's first parsed
+    value as text (equivalent forms with different text count apart)."""
+    if example.dataset == "toy":
+        n = task.final_answer(response)
+        return None if n is None else str(n)
+    parsed = parse(response, parsing_timeout=_timeout())
+    return str(parsed[0]) if parsed else None

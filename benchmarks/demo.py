@@ -26,6 +26,7 @@ import rsd_generation as rsd
 from rsd_generation.testing import build_tokenizer, make_lm, save_value_head_prm
 
 from .io import refuse_overwrite, write_json_atomic
+from .methods import plain_positions, trim
 
 
 def toy_prompts(n: int, seed: int) -> list[str]:
@@ -48,14 +49,6 @@ def build_models(root: Path, tok) -> tuple[Path, Path, Path]:
     for p in (draft, target):
         tok.save_pretrained(p)
     return draft, target, prm
-
-
-def positions_of_plain_generate(sequences: torch.Tensor, prompt_len: int, eos: int, attention_mask) -> int:
-    """Positions `generate` processes per row: the prompt and every new token but the last (up to EOS)."""
-    new = sequences[:, prompt_len:]  # new: [B, N]
-    is_eos = (new == eos).int()
-    n = torch.where(is_eos.any(1), is_eos.argmax(1) + 1, new.shape[1])  # n: [B]
-    return int((attention_mask.sum(1).to(n.device) + n - 1).sum())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     target_out, t_target = timed(lambda: target.generate(**enc, **gen))
     draft_out, t_draft = timed(lambda: draft.generate(**enc, **gen))
     n_target = target.num_parameters()
-    target_flops = 2 * n_target * positions_of_plain_generate(target_out, P, tok.eos_token_id, enc["attention_mask"])
+    prompt_lens = enc["attention_mask"].sum(1).tolist()
+    new_tokens = [trim(ids, {tok.eos_token_id}) for ids in target_out[:, P:].tolist()]
+    positions = sum(plain_positions(p, [len(x)]) for p, x in zip(prompt_lens, new_tokens, strict=True))
+    target_flops = 2 * n_target * positions
 
     def run_rsd(delta: float):
         return target.generate(

@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .io import refuse_overwrite, write_json_atomic
+from .speed import QWEN_1_5B
 
-# Qwen2.5-Math-1.5B's shapes (tied embeddings)
+SHAPES = {**QWEN_1_5B, "max_position_embeddings": 4096}  # Qwen2.5-Math-1.5B's shapes (tied embeddings)
 SHAPES = dict(
     vocab_size=151936,
     hidden_size=1536,

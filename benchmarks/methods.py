@@ -312,10 +312,11 @@ def run_search(models: Models, setting: Setting, batch: Batch) -> list[dict]:
         for q, steps, _, _ in cands:
             per_q[q]["reward"][0] += len(prm.step_ids(steps[-1]))
             per_q[q]["reward"][1] += 1
+        by_q: list[list[tuple]] = [[] for _ in range(Q)]
+        for reward, c in zip(r.tolist(), cands, strict=True):
+            by_q[c[0]].append((reward, c))
         for q in range(Q):
-            mine = sorted(
-                [(float(r[i]), c) for i, c in enumerate(cands) if c[0] == q], key=lambda x: x[0], reverse=True
-            )
+            mine = sorted(by_q[q], key=lambda x: x[0], reverse=True)
             slots = b - len(done[q])
             active[q] = []
             for reward, (_, steps, ids, final) in mine[: max(slots, 0)]:

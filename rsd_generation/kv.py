@@ -39,12 +39,16 @@ class RowCache:
         self.pad_token_id = pad_token_id
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)  # mask: [R, T]
         self.pending: list[list[int]] = [[] for _ in range(batch_size)]
-        self.forward_tokens = 0  # valid positions processed
         self.padded_tokens = 0  # masked positions processed alongside them
         self.forward_calls = 0  # model forwards (on a GPU each costs about one decode step at small chunks)
         self.dense = True  # no masked column yet: the model may skip the padding mask (its fast causal path)
         self.rows = torch.arange(batch_size)  # rows: [R], original row of each cache row (rows leave via `keep`)
         self.row_tokens = torch.zeros(batch_size, dtype=torch.long)  # valid positions processed per original row
+
+    @property
+    def forward_tokens(self) -> int:
+        """Valid positions processed, all rows."""
+        return int(self.row_tokens.sum())
 
     @property
     def length(self) -> int:
@@ -80,7 +84,6 @@ class RowCache:
             last=last,
         )
         self.mask = mask
-        self.forward_tokens += total
         self.row_tokens[self.rows] += n.cpu()
         self.forward_calls += 1
         self.padded_tokens += ids.numel() - total
