@@ -18,7 +18,8 @@ from transformers import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .kv import RowCache, causal_lm_forward, pad_left, pad_right
+from .fast import fast_mode, row_cache
+from .kv import RowCache, pad_left, pad_right
 from .rewards import RewardModel
 from .stats import RSDStats, Step
 from .weighting import Weighting, accept, needs_draw
@@ -45,6 +46,7 @@ class RSDOptions:
     reward_prompts: Sequence[str] | None
     streamer: object | None
     generator: torch.Generator | None
+    fast_path: str | bool = "auto"
 
 
 @dataclass
@@ -233,10 +235,11 @@ def rsd_decode(
     if o.streamer is not None:
         o.streamer.put(input_ids.cpu())
 
-    m = RowCache(causal_lm_forward(draft), draft.config, B, draft.get_input_embeddings().weight.device, pad)
-    M = RowCache(causal_lm_forward(target), target.config, B, target.get_input_embeddings().weight.device, pad)
+    capacity = P + max_new + o.max_step_tokens + 64  # static caches: every valid column fits, and one step's slack
+    m = row_cache(draft, "draft", B, pad, fast_mode(o.fast_path, draft), capacity)
+    M = row_cache(target, "target", B, pad, fast_mode(o.fast_path, target), capacity)
     m.pending, M.pending = [list(p) for p in prompts], [list(p) for p in prompts]
-    prm.start(problems)
+    prm.start(problems, fast_path=fast_mode(o.fast_path, prm.backbone), capacity=2 * max_new + 64)
     stats = RSDStats(steps=[[] for _ in range(B)])
     out: list[list[int]] = [[] for _ in range(B)]  # committed new tokens per original row
     rows = torch.arange(B)  # rows: [R], original index of each active row

@@ -43,12 +43,17 @@ class RowCache:
         self.forward_calls = 0  # model forwards (on a GPU each costs about one decode step at small chunks)
         self.dense = True  # no masked column yet: the model may skip the padding mask (its fast causal path)
         self.rows = torch.arange(batch_size)  # rows: [R], original row of each cache row (rows leave via `keep`)
-        self.row_tokens = torch.zeros(batch_size, dtype=torch.long)  # valid positions processed per original row
+        self._row_tokens = torch.zeros(batch_size, dtype=torch.long)  # valid positions processed per original row
+
+    @property
+    def row_tokens(self) -> torch.Tensor:
+        """Valid positions processed per original row, `(B,)` on the CPU."""
+        return self._row_tokens.cpu()
 
     @property
     def forward_tokens(self) -> int:
         """Valid positions processed, all rows."""
-        return int(self.row_tokens.sum())
+        return int(self._row_tokens.sum())
 
     @property
     def length(self) -> int:
@@ -84,7 +89,7 @@ class RowCache:
             last=last,
         )
         self.mask = mask
-        self.row_tokens[self.rows] += n.cpu()
+        self._row_tokens[self.rows] += n.cpu()
         self.forward_calls += 1
         self.padded_tokens += ids.numel() - total
         return out

@@ -9,6 +9,7 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList
 
 from .decoding import RSDOptions, rsd_decode, stop_string_criteria
+from .fast import fast_mode
 from .rewards import RewardModel
 from .weighting import DEFAULT_THRESHOLD, get_weighting
 
@@ -21,6 +22,7 @@ RSD_KWARGS = (
     "rsd_max_steps",
     "reward_prompts",
     "rsd_generator",
+    "rsd_fast_path",
 )
 # vocabularies that differ by at most this many rows are taken as one tokenizer with padded embeddings
 MAX_VOCAB_PADDING = 1024
@@ -49,6 +51,10 @@ class RSDGenerationMixin(GenerationMixin):
             reward_prompts (`list[str]`, *optional*): the problem text the PRM sees per row; default: the decoded
                 prompt.
             rsd_generator (`torch.Generator`, *optional*): RNG for sampling and acceptance draws.
+            rsd_fast_path (`str` or `bool`, default `"auto"`): `"auto"` (CUDA graphs for supported models on a GPU,
+                else the plain path), `"off"` (dynamic caches, eager forwards), `"static"` (fixed-shape caches,
+                eager), `"graphs"` (fixed-shape caches, CUDA-graph-captured forwards) or `"compile"` (as graphs,
+                with the one-token forward compiled by `torch.compile` first).
             kwargs: everything `GenerationMixin.generate` takes (`tokenizer` is required with `reward_model`).
         Returns:
             `RSDGenerateOutput` (`sequences`, `rsd_stats`) with `return_dict_in_generate=True`, else the sequences.
@@ -104,6 +110,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
     generator = rsd.get("rsd_generator")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"rsd_generator must be a torch.Generator, got {type(generator).__name__}")
+    fast_mode(rsd.get("rsd_fast_path", "auto"), target)  # validates the value, naming it
     return RSDOptions(
         draft=draft,
         reward_model=reward_model,
@@ -115,6 +122,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         reward_prompts=rsd.get("reward_prompts"),
         streamer=kwargs.pop("streamer", None),
         generator=generator,
+        fast_path=rsd.get("rsd_fast_path", "auto"),
     )
 
 

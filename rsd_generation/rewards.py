@@ -19,7 +19,8 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 from transformers import logging as hf_logging
 from transformers.utils import cached_file
 
-from .kv import RowCache, hidden_forward, pad_right
+from .fast import row_cache
+from .kv import RowCache, pad_right
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # a merged checkpoint's PRM head, outside the index
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -84,11 +85,17 @@ class RewardModel:
         """Token positions processed since `start`, per row of the batch `start` was given."""
         return self.state.row_tokens.tolist() if self.state is not None else []
 
-    def start(self, problems: Sequence[str]) -> None:
-        """Begin scoring one solution per problem; the prefixes are fed with the first `score` call."""
+    def start(self, problems: Sequence[str], fast_path: str = "off", capacity: int = 512) -> None:
+        """Begin scoring one solution per problem; the prefixes are fed with the first `score` call.
+
+        `fast_path` (a mode from `fast.fast_mode`) picks the cache; `capacity` is the room a static cache starts
+        with beyond the longest prefix (it grows if needed).
+        """
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.state = RowCache(hidden_forward(self.backbone), self.backbone.config, len(problems), self.device, pad)
-        self.state.pending = [self.prefix_ids(p) for p in problems]
+        prefixes = [self.prefix_ids(p) for p in problems]
+        room = max(map(len, prefixes), default=0) + capacity
+        self.state = row_cache(self.backbone, "reward", len(problems), pad, fast_path, room, hidden=True)
+        self.state.pending = prefixes
         self.calls = 0
 
     @torch.no_grad()

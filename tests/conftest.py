@@ -58,7 +58,7 @@ def rsd_generate(target, draft, prm, tok, prompts, **kw):
     kw.setdefault("rsd_max_step_tokens", 4)
     kw.setdefault("do_sample", False)
     return target.generate(
-        **encode(tok, prompts),
+        **encode(tok, prompts).to(target.device),
         tokenizer=tok,
         assistant_model=draft,
         reward_model=prm,

@@ -1,0 +1,380 @@
+"""The fast path: fixed-shape KV caches whose forwards are captured once as CUDA graphs and replayed.
+
+Stock decoding at small batch sizes is bound by Python and kernel-launch overhead, not by the model: a 1.5B draft
+costs about as much per token as a 7B target, and RSD cannot pay. `StaticRowCache` keeps `RowCache`'s contract
+(a per-row column mask, queues of tokens not yet fed, rollback by masking, rows leaving the batch) over buffers
+whose shapes never change:
+
+- keys and values live in `[B, H, C, D]` buffers per layer, written in place at the columns of the current chunk;
+- a chunk of `L` tokens runs at a bucketed width (1, 2, 4, ..., 128): each (cache, width) pair is captured once as a
+  CUDA graph on its first use, optionally after `torch.compile`, and replayed afterwards. Wider chunks (long
+  prompts) run eagerly into the same buffers;
+- the attention mask is built inside the graph from the column mask, so a forward is: copy the inputs into the
+  graph's buffers, replay, read the output;
+- rows that leave the batch stay in the buffers as masked rows (the graph's batch size is fixed);
+- a cache is kept per model between `generate` calls, so capture and compilation are paid once per model and shape.
+
+Under greedy decoding the fast path gives the plain path's tokens: the same math, over a different layout.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .kv import RowCache, causal_lm_forward, hidden_forward
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
+MODES = ("auto", "off", "static", "graphs", "compile")
+FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a plain head: the graph's assumptions
+
+
+class StaticKV:
+    """Per-layer key/value buffers of fixed shape `(B, H, C, D)`, written in place at the columns `cols`.
+
+    It provides the part of transformers' `Cache` that the attention layers call (`update`); position ids and
+    the attention mask are always given, so nothing else is asked of it.
+    """
+
+    is_compileable = True
+
+    def __init__(self, shapes: list[tuple[int, int]], batch_size: int, capacity: int, dtype, devices):
+        self.keys = [torch.zeros(batch_size, h, capacity, d, dtype=dtype, device=dev)
+                     for (h, d), dev in zip(shapes, devices, strict=True)]  # fmt: skip
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.cols: torch.Tensor | None = None  # cols: [L], the columns the running forward writes
+
+    @property
+    def capacity(self) -> int:
+        """Columns per row."""
+        return self.keys[0].shape[2]
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the chunk's keys and values `(B, H, L, D)` at `cols`; return the whole buffers."""
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k.index_copy_(2, self.cols.to(k.device), key_states)
+        v.index_copy_(2, self.cols.to(v.device), value_states)
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Unused: position ids are always given (some transformers versions still ask)."""
+        return 0
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate to `capacity` columns, keeping the first `self.capacity` ones."""
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                buffers[i] = new
+
+
+def _kv_shapes(config) -> list[tuple[int, int]]:
+    """(KV heads, head dim) per layer."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return [(heads, dim)] * config.num_hidden_layers
+
+
+def _layer_devices(backbone: nn.Module, n: int) -> list[torch.device]:
+    """Device of each decoder layer (models may be spread over GPUs by accelerate)."""
+    layers = getattr(backbone, "layers", None)
+    if layers is None or len(layers) != n:
+        dev = next(backbone.parameters()).device
+        return [dev] * n
+    return [next(layer.parameters()).device for layer in layers]
+
+
+class StaticRowCache(RowCache):
+    """A `RowCache` over fixed-shape buffers, with graph-captured forwards (see the module docstring).
+
+    Args:
+        backbone (`nn.Module`): the model body; called with a 4-D additive attention mask and explicit positions.
+        head (`Callable`): maps the hidden state at each row's last valid token `(B, H)` to the output `(B, X)`.
+        config: the backbone's config.
+        batch_size (`int`): B, fixed for the cache's life.
+        capacity (`int`): columns per row; the cache grows (and recaptures) if a chunk does not fit.
+        pad_token_id (`int`): the id fed at masked positions.
+        graphs (`bool`): capture forwards as CUDA graphs (CUDA only).
+        compile_decode (`bool`): `torch.compile` the one-token forward before capturing it.
+    """
+
+    def __init__(self, backbone: nn.Module, head: Callable, config, batch_size: int, capacity: int,
+                 pad_token_id: int = 0, graphs: bool = False, compile_decode: bool = False):  # fmt: skip
+        self.backbone, self.head, self.config = backbone, head, config
+        self.device = backbone.get_input_embeddings().weight.device
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size
+        self.dtype = backbone.get_input_embeddings().weight.dtype
+        devices = _layer_devices(backbone, config.num_hidden_layers)
+        self.kv = StaticKV(_kv_shapes(config), batch_size, capacity, self.dtype, devices)
+        self.graphs = graphs and self.device.type == "cuda" and len(set(devices)) == 1
+        self.compile_decode = compile_decode and self.graphs
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self._pool = None
+        self._compiled = None
+        self.capture_seconds = 0.0  # time spent capturing (and compiling), all widths
+        self.reset(batch_size)
+
+    def reset(self, batch_size: int) -> None:
+        """Start over for a new batch of `batch_size` (= B) rows; buffers and captured graphs are kept."""
+        assert batch_size == self.batch_size, "a StaticRowCache serves one batch size"
+        dev = self.device
+        if not hasattr(self, "colmask") or self.colmask.shape[1] != self.kv.capacity:
+            C = self.kv.capacity
+            self.colmask = torch.zeros(self.batch_size, C, dtype=torch.bool, device=dev)  # colmask: [B, C]
+        self.colmask.zero_()
+        self.cursor = 0  # columns in use (valid or masked); the next chunk is written from here
+        self.slots = torch.arange(self.batch_size, device=dev)  # slots: [R], buffer row of each active row
+        self.rows = torch.arange(self.batch_size)  # original row of each active row (= its buffer row)
+        self.pending: list[list[int]] = [[] for _ in range(self.batch_size)]
+        self._row_tokens = torch.zeros(self.batch_size, dtype=torch.long, device=dev)  # per buffer row = original row
+        self._padded = torch.zeros((), dtype=torch.long, device=dev)
+        self.forward_calls = 0
+        self.dense = False
+
+    # -- RowCache's contract --------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Columns in use (valid or masked)."""
+        return self.cursor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """`(R, T)` valid columns of the active rows, as `RowCache.mask`."""
+        return self.colmask[self.slots, : self.cursor].long()
+
+    @property
+    def padded_tokens(self) -> int:
+        """Masked positions processed alongside the valid ones (dead rows and bucket padding included)."""
+        return int(self._padded)
+
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Append one chunk `(R, L)` (right-padded per row, `valid` marks real tokens); outputs `(R, X)` at each
+        row's last valid token."""
+        rows, L = ids.shape
+        dev = self.device
+        width = next((b for b in BUCKETS if b >= L), L) if self.graphs else L
+        if self.cursor + width > self.kv.capacity:
+            width = L  # no room for the bucket's padding: run this chunk eagerly at its own width
+            if self.cursor + L > self.kv.capacity:
+                self._grow(self.cursor + L)
+        valid, ids = valid.to(dev), ids.to(dev)
+        if rows == self.batch_size and width == L:  # every row active: no scatter
+            x, ok = torch.where(valid, ids, self.pad_token_id), valid
+        else:
+            x = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long, device=dev)  # x: [B, W]
+            ok = torch.zeros(self.batch_size, width, dtype=torch.bool, device=dev)  # ok: [B, W]
+            x[self.slots, :L] = torch.where(valid, ids, self.pad_token_id)
+            ok[self.slots, :L] = valid
+        n = ok.sum(1)  # n: [B]
+        seen = self.colmask.sum(1)  # seen: [B], valid columns before the chunk
+        pos = seen[:, None] + torch.arange(width, device=dev)  # pos: [B, W]
+        pos = torch.minimum(pos, (seen + n - 1).clamp_min(0)[:, None])  # padding repeats the last position
+        self.colmask[:, self.cursor : self.cursor + width] = ok
+        out = self._run(x, pos, self.cursor, (n - 1).clamp_min(0))  # out: [B, X]
+        self.cursor += L
+        self._row_tokens += n
+        self._padded += self.batch_size * width - n.sum()
+        self.forward_calls += 1
+        return out if rows == self.batch_size else out[self.slots]
+
+    def drop_from(self, rows: torch.Tensor, start: torch.Tensor) -> None:
+        """Mask out, for each selected row, every column from `start[row]` on (a discarded step)."""
+        sel = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        sel[self.slots] = rows.to(self.device)
+        first = torch.full((self.batch_size,), self.kv.capacity, dtype=torch.long, device=self.device)
+        first[self.slots] = start.to(self.device)
+        cols = torch.arange(self.kv.capacity, device=self.device)[None, :]  # cols: [1, C]
+        self.colmask.masked_fill_(sel[:, None] & (cols >= first[:, None]), False)
+
+    def compact(self, min_masked: float = 0.5) -> bool:
+        """Move each row's valid columns to the front once masked ones are over `min_masked` of the used columns
+        (or the cache is three quarters full). Buffers are rewritten in place, so captured graphs stay valid."""
+        used = self.cursor
+        valid = self.colmask[:, :used]  # valid: [B, T]
+        width = int(valid.sum(1).max()) if used else 0
+        if used == 0 or (used - width <= min_masked * used and used < 0.75 * self.kv.capacity):
+            return False
+        idx = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]  # idx: [B, W], valid first
+        for buffers in (self.kv.keys, self.kv.values):
+            for buf in buffers:
+                g = idx.to(buf.device)[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+                buf[:, :, :width] = buf[:, :, :used].gather(2, g)
+        kept = valid.gather(1, idx)  # kept: [B, W]
+        self.colmask[:, :used] = False
+        self.colmask[:, :width] = kept
+        self.cursor = width
+        return True
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only active rows `idx`; the others stay in the buffers, masked, until the batch ends."""
+        self.slots = self.slots[idx.to(self.device)]
+        self.rows = self.rows[idx.cpu()]
+        self.pending = [self.pending[i] for i in idx.tolist()]
+
+    # -- forwards -------------------------------------------------------------------------------------------------
+    def _grow(self, needed: int) -> None:
+        """More columns: reallocate the buffers and drop the captured graphs (they point at the old ones)."""
+        capacity = max(2 * self.kv.capacity, -(-needed // 256) * 256)
+        self.kv.grow(capacity)
+        colmask = torch.zeros(self.batch_size, capacity, dtype=torch.bool, device=self.device)
+        colmask[:, : self.colmask.shape[1]] = self.colmask
+        self.colmask = colmask
+        self._captured.clear()
+        self._compiled = None
+
+    def _body(self, ids: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """One forward of a `(B, W)` chunk written at columns `cols` `(W,)`: the output at `last` `(B,)`."""
+        self.kv.cols = cols
+        c = torch.arange(self.kv.capacity, device=cols.device)  # c: [C]
+        allowed = self.colmask[:, None, :] & (c <= cols[:, None])  # allowed: [B, W, C], causal over valid columns
+        allowed = allowed | (c == cols[:, None])  # a padded query attends to itself: never an all-masked row
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=cols.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # mask: [B, 1, W, C]
+        hidden = self.backbone(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.kv, use_cache=True
+        ).last_hidden_state  # hidden: [B, W, H]
+        return self.head(hidden[torch.arange(len(last), device=last.device), last])
+
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor) -> torch.Tensor:
+        """Run a chunk: replay (capturing on first use) when graphs are on, else eagerly."""
+        width = ids.shape[1]
+        if not self.graphs or width not in BUCKETS:
+            return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last)
+        if width not in self._captured:
+            return self._capture(ids, pos, start, last)
+        graph, buf, out = self._captured[width]
+        buf["ids"].copy_(ids)
+        buf["pos"].copy_(pos)
+        buf["cols"].fill_(start).add_(buf["steps"])
+        buf["last"].copy_(last)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, ids, pos, start: int, last) -> torch.Tensor:
+        """Capture the forward at this chunk's width (warm-up runs compute the real chunk) and return its output."""
+        import time
+
+        t0 = time.perf_counter()
+        width = ids.shape[1]
+        steps = torch.arange(width, device=self.device)
+        buf = {"ids": ids.clone(), "pos": pos.clone(), "cols": steps + start, "last": last.clone(), "steps": steps}
+        fn = self._body
+        if width == 1 and self.compile_decode:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._body, dynamic=False)
+            fn = self._compiled
+        args = (buf["ids"], buf["pos"], buf["cols"], buf["last"])
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: kernels chosen, compiled code built; writes this chunk's real K/V
+                out = fn(*args)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = fn(*args)
+        self._captured[width] = (graph, buf, static_out)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t0
+        return out.clone()
+
+
+def fast_mode(mode: str | bool | None, model: nn.Module) -> str:
+    """Resolve `rsd_fast_path` for one model: `"off"`, `"static"`, `"graphs"` or `"compile"`.
+
+    `"auto"` (or True) is `"graphs"` for a supported model on a CUDA device and `"off"` otherwise; an explicit mode
+    the model cannot take is an error.
+    """
+    if mode is True:
+        mode = "auto"
+    if mode is False or mode is None:
+        return "off"
+    if mode not in MODES:
+        raise ValueError(f"rsd_fast_path must be one of {MODES}, True or False; got {mode!r}")
+    why = fast_path_supported(model)
+    if mode == "auto":
+        on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
+        return "graphs" if on_cuda and why is None else "off"
+    if mode != "off" and why is not None:
+        raise ValueError(f"rsd_fast_path={mode!r} cannot serve this model: {why}; use rsd_fast_path='off'")
+    return mode
+
+
+def fast_path_supported(model: nn.Module) -> str | None:
+    """Why the fast path cannot run `model` (None when it can)."""
+    cfg = model.config
+    if cfg.model_type not in FAST_MODEL_TYPES:
+        return f"model_type {cfg.model_type!r} is not one of {FAST_MODEL_TYPES}"
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attn_implementation {cfg._attn_implementation!r} takes no 4-D mask (use 'sdpa' or 'eager')"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "it has sliding-window layers"
+    return None
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def row_cache(model: nn.Module, role: str, batch_size: int, pad_token_id: int, mode: str, capacity: int,
+              hidden: bool = False) -> RowCache:  # fmt: skip
+    """The cache one model gets, in one role, for one `generate` call.
+
+    Args:
+        model (`nn.Module`): a causal LM (outputs: float32 logits), or with `hidden=True` a bare backbone (outputs:
+            the last hidden state).
+        role (`str`): `"draft"`, `"target"` or `"reward"`: one model may serve in several roles, each with its own
+            cache.
+        mode (`str`): from `fast_mode`; `"off"` gives a plain `RowCache`.
+        capacity (`int`): columns a static cache starts with (it grows if needed).
+    Returns:
+        a `RowCache`, or a `StaticRowCache` reused from the model's previous call when batch size and capacity fit.
+    """
+    device = model.get_input_embeddings().weight.device
+    if mode == "off":
+        forward = hidden_forward(model) if hidden else causal_lm_forward(model)
+        return RowCache(forward, model.config, batch_size, device, pad_token_id)
+    backbone = model if hidden else model.base_model
+    head = _identity if hidden else _logits_head(model.get_output_embeddings())
+    graphs, compile_decode = mode in ("graphs", "compile"), mode == "compile"
+    capacity = -(-capacity // 256) * 256  # fewer distinct shapes: fewer captures and compilations
+    kept = _CACHES.setdefault(backbone, {})
+    old = kept.get(role)
+    if (
+        old is not None
+        and old.batch_size == batch_size
+        and capacity <= old.kv.capacity <= 2 * capacity
+        and (old.graphs, old.compile_decode) == (graphs and old.device.type == "cuda", compile_decode and old.graphs)
+    ):
+        old.pad_token_id = pad_token_id
+        old.reset(batch_size)
+        return old
+    kept.pop(role, None)  # free the old buffers before allocating new ones
+    cache = StaticRowCache(backbone, head, model.config, batch_size, capacity, pad_token_id, graphs, compile_decode)
+    kept[role] = cache
+    return cache
+
+
+def release_fast_caches() -> None:
+    """Free every kept static cache and its captured graphs."""
+    _CACHES.clear()
+
+
+def _identity(h: torch.Tensor) -> torch.Tensor:
+    """The hidden state itself (reward models apply their own head)."""
+    return h
+
+
+def _logits_head(lm_head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """float32 logits `(B, V)` from hidden states `(B, H)`."""
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        return lm_head(h.to(lm_head.weight.device)).float()
+
+    return head

@@ -1,0 +1,145 @@
+"""The fast path (fixed-shape caches) gives the plain path's tokens, counts and limits; its cache keeps RowCache's
+contract through rollback, compaction, growth and rows leaving. On CPU it runs eagerly ("static"); the graph modes
+are exercised on a GPU by `tests/test_fast.py` run there (see the README) and by `benchmarks.speed`."""
+
+import pytest
+import torch
+from conftest import PROMPTS, encode, median_reward, rsd_generate
+from transformers import LogitsProcessorList
+
+import rsd_generation as rsd
+from rsd_generation import fast
+from rsd_generation.fast import StaticRowCache, fast_mode, release_fast_caches, row_cache
+from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
+from rsd_generation.testing import make_lm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODES = ["static"] + (["graphs", "compile"] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture(params=["qwen_pair", "llama_pair"])
+def pair(request):
+    return tuple(m.to(DEVICE) for m in request.getfixturevalue(request.param))
+
+
+@pytest.fixture
+def dev_prm(skywork_path, tok):
+    return rsd.load_reward_model(skywork_path, tokenizer=tok, device_map=DEVICE)
+
+
+def _same(a, b) -> None:
+    """Same tokens and the same per-step decisions and counts."""
+    assert torch.equal(a.sequences.cpu(), b.sequences.cpu())
+    sa, sb = a.rsd_stats, b.rsd_stats
+    assert [[(s["text"], s["source"], s["accepted"]) for s in row] for row in sa["steps"]] == [
+        [(s["text"], s["source"], s["accepted"]) for s in row] for row in sb["steps"]
+    ]
+    assert sa["forward_tokens"] == sb["forward_tokens"]
+    assert [r["forward_tokens"] for r in sa["per_row"]] == [r["forward_tokens"] for r in sb["per_row"]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_path_gives_the_plain_paths_tokens(pair, dev_prm, tok, mode):
+    target, draft = pair
+    delta = median_reward(target, draft, dev_prm, tok, PROMPTS)  # both branches run
+    for d in (0.0, delta, 1.5):
+        plain = rsd_generate(target, draft, dev_prm, tok, PROMPTS, rsd_threshold=d, rsd_fast_path="off")
+        fast = rsd_generate(target, draft, dev_prm, tok, PROMPTS, rsd_threshold=d, rsd_fast_path=mode)
+        _same(fast, plain)
+        if d == delta:
+            sources = {s["source"] for row in plain.rsd_stats["steps"] for s in row}
+            assert sources == {"draft", "target"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_path_limits_are_the_models_own_greedy_output(pair, dev_prm, tok, mode):
+    target, draft = pair
+    enc = encode(tok, PROMPTS).to(DEVICE)
+    for delta, reference in ((0.0, draft), (1.5, target)):
+        out = rsd_generate(target, draft, dev_prm, tok, PROMPTS, rsd_threshold=delta, rsd_fast_path=mode)
+        expected = reference.generate(**enc, max_new_tokens=24, do_sample=False)
+        assert torch.equal(out.sequences, expected)
+
+
+def test_rows_leaving_early_keep_the_others_exact(qwen_pair, prm, tok):
+    """Row 0 ends at its 3rd token; the rows that go on give what the plain path gives."""
+    target, draft = qwen_pair
+    eos = tok.eos_token_id
+
+    class EndRowZeroEarly:
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            for r, ids in enumerate(input_ids.tolist()):
+                text = tok.decode(ids, skip_special_tokens=True)
+                if text.startswith(PROMPTS[0]) and len(text) - len(PROMPTS[0]) >= 2:
+                    scores[r] = -float("inf")
+                    scores[r, eos] = 0.0
+            return scores
+
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    kw = dict(rsd_threshold=delta, logits_processor=LogitsProcessorList([EndRowZeroEarly()]), max_new_tokens=40)
+    plain = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path="off", **kw)
+    fast = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path="static", **kw)
+    _same(fast, plain)
+    P = encode(tok, PROMPTS)["input_ids"].shape[1]
+    assert eos in fast.sequences[0, P : P + 4].tolist()  # row 0 did leave early
+
+
+def test_static_cache_follows_row_cache_through_rollback_compaction_growth_and_rows_leaving(tok):
+    model = make_lm("qwen2", len(tok), seed=1)
+    plain = RowCache(causal_lm_forward(model), model.config, 3, torch.device("cpu"))
+    static = StaticRowCache(model.base_model, lambda h: model.lm_head(h).float(), model.config, 3, capacity=8)
+    chunks = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    outs = []
+    for c in (plain, static):
+        o = [c.feed(*pad_right(chunks, 0))]
+        start = c.length
+        o.append(c.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool)))
+        c.drop_from(torch.tensor([True, False, True]), torch.full((3,), start))  # rows 0 and 2 reject the step
+        c.compact(min_masked=0.1)
+        o.append(c.feed(torch.tensor([[30], [31], [32]]), torch.ones(3, 1, dtype=torch.bool)))
+        c.keep(torch.tensor([0, 2]))  # row 1 leaves
+        for _ in range(6):  # past the static cache's 8 columns: it grows
+            ids = torch.randint(1, 40, (2, 3), generator=torch.Generator().manual_seed(len(o)))
+            o.append(c.feed(ids, torch.tensor([[True, True, False], [True, True, True]])))
+        outs.append(o)
+    assert static.kv.capacity > 8
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert plain.row_tokens.tolist() == static.row_tokens.tolist()
+    assert plain.forward_tokens == static.forward_tokens
+
+
+def test_static_caches_are_reused_across_calls_and_per_role(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    release_fast_caches()
+    a = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static")
+    kept = {role: fast._CACHES[m.base_model][role] for m, role in ((draft, "draft"), (target, "target"))}
+    b = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static")
+    for m, role in ((draft, "draft"), (target, "target")):
+        assert fast._CACHES[m.base_model][role] is kept[role]  # the same buffers served the second call
+    _same(a, b)
+    assert row_cache(draft, "target", 3, 0, "static", 256) is not kept["draft"]  # one model in two roles: two caches
+    # one model as draft and target at once (each role its own cache): the draft's own output
+    same = rsd_generate(draft, draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static")
+    assert torch.equal(same.sequences, draft.generate(**encode(tok, PROMPTS), max_new_tokens=24, do_sample=False))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("fast", "rsd_fast_path must be one of"), (3, "got 3")],
+)
+def test_bad_fast_path_is_refused_with_the_value_named(qwen_pair, prm, tok, value, message):
+    target, draft = qwen_pair
+    with pytest.raises(ValueError, match=message):
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path=value)
+
+
+def test_explicit_fast_path_on_an_unsupported_model_is_refused(tok):
+    model = make_lm("qwen2", len(tok), seed=1)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation 'flash_attention_2' takes no 4-D mask"):
+        fast_mode("graphs", model)
+    assert fast_mode("auto", model) == "off"
+    assert fast_mode("auto", make_lm("qwen2", len(tok), seed=1)) == "off"  # supported, but on the CPU
+    assert fast_mode("static", make_lm("llama", len(tok), seed=1)) == "static"
