@@ -2,7 +2,8 @@
 
 Random bf16 weights of Qwen2.5-Math-1.5B's shapes, batch 1, 128-token prompt, 64 one-token forwards each.
 
-    python -m benchmarks.profile_step [--tokens 64] [--shapes 1.5b|7b] [--output FILE]
+    python -m benchmarks.profile_step [--tokens 64] [--shapes 1.5b|7b] [--mode off|static|graphs|compile]
+        [--output FILE]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from rsd_generation.decoding import _Sampling, _StepRules, decode_step, step_separator
-from rsd_generation.kv import RowCache, causal_lm_forward
+from rsd_generation.fast import MODES, row_cache
 
 from .io import write_json_atomic
 from .speed import QWEN_1_5B, QWEN_7B, random_model, word_tokenizer
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--shapes", choices=["1.5b", "7b"], default="1.5b")
+    ap.add_argument("--mode", choices=MODES[1:], default="off", help="decoding path (rsd_fast_path value)")
     ap.add_argument("--output", default=None)
     args = ap.parse_args(argv)
     shapes = QWEN_1_5B if args.shapes == "1.5b" else QWEN_7B
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, budget = torch.ones(1, dtype=torch.bool), torch.full((1,), 10**6)
 
     def ours():
-        cache = RowCache(causal_lm_forward(model), model.config, 1, model.device)
+        cache = row_cache(model, "profile", 1, 0, args.mode, 128 + 2 * n + 64)
         cache.pending = prompts.tolist()
         decode_step(cache, prompts, rows, budget, s, rules)  # prefill + n tokens
         torch.cuda.synchronize()
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.generate(**enc, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False)
         torch.cuda.synchronize()
 
-    result: dict = {"device": torch.cuda.get_device_name(), "shapes": args.shapes, "tokens": n}
+    result: dict = {"device": torch.cuda.get_device_name(), "shapes": args.shapes, "tokens": n, "mode": args.mode}
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     for name, fn in (("rsd_decode_path", ours), ("generate_eager", hf)):
         fn()  # warm-up

@@ -3,11 +3,13 @@
 A 1.5B draft, a 7B target and a 1.5B value-head PRM. Steps have a fixed length (`rsd_max_step_tokens`): random
 models do not write "\\n\\n". δ is calibrated on a pilot run to give about 80% and 50% step acceptance. Measured
 side by side in one run, at each batch size:
-- ms per forward of the draft and the target on the RSD decode path, ms per PRM step;
-- RSD end to end (tokens/s), at both acceptance levels;
-- stock `target.generate` (eager), `target.generate` with a static cache (transformers compiles it), the RSD
-  path's own loop with the target alone, and transformers assisted generation (batch 1 only);
-- the cost model's prediction of RSD's time from the measured per-forward times, and measured / predicted.
+- per decoding path (`--modes`: "off" = eager dynamic caches, "graphs" = static caches with CUDA-graph-captured
+  forwards, "compile" = graphs with the one-token forward compiled first): ms per one-token forward of the draft
+  and the target, ms per PRM step, the target decoding alone on that path, and RSD end to end (tokens/s) at both
+  acceptance levels, with the cost model's prediction from the per-component times and measured / predicted;
+- stock `target.generate` (eager), `target.generate` with a static cache (transformers compiles it), and
+  transformers assisted generation (batch 1 only);
+- speedups of RSD over the best target-only decoding among all of these, and over stock eager `generate`.
 
     python -m benchmarks.speed [--batch-sizes 1 16] [--new-tokens 128] [--output benchmarks/results/speed-<gpu>.json]
 """
@@ -32,8 +34,9 @@ from transformers import (
 )
 
 import rsd_generation as rsd
+from rsd_generation import fast
 from rsd_generation.decoding import _Sampling, _StepRules, decode_step, step_separator
-from rsd_generation.kv import RowCache, causal_lm_forward
+from rsd_generation.fast import row_cache
 
 from .io import refuse_overwrite, write_json_atomic
 
@@ -88,28 +91,32 @@ def timed(fn, repeats: int) -> tuple[object, float, list[float]]:
     return res, statistics.median(times), times
 
 
-def ms_per_forward(model, tok, prompts: torch.Tensor, n: int, repeats: int) -> float:
-    """Median ms per one-token forward on the RSD decode path (`decode_step` over a `RowCache`), after a prefill."""
+def _target_only_rules(tok, n: int) -> tuple[_Sampling, _StepRules]:
+    """Greedy, no EOS, a step of `n` tokens: one `decode_step` generates exactly `n` tokens."""
+    s = _Sampling(LogitsProcessorList(), False, None, 10**9, torch.empty(0, dtype=torch.long), 0)
+    return s, _StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
+
+
+def loop_alone(model, role: str, tok, prompts: torch.Tensor, n: int, mode: str, capacity: int) -> tuple[float, float]:
+    """One model decoding alone on the RSD path (`decode_step` over the cache `mode` gives): prefill and `n`
+    tokens. Returns (seconds for the whole call, ms per one-token forward measured over the `n` tokens)."""
     B = prompts.shape[0]
-    s = _Sampling(LogitsProcessorList(), False, None, model.config.vocab_size, torch.empty(0, dtype=torch.long), 0)
-    rules = _StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
+    s, rules = _target_only_rules(tok, n)
     rows, budget, ctx = torch.ones(B, dtype=torch.bool), torch.full((B,), 10**6), prompts.cpu()
-
-    def run():
-        cache = RowCache(causal_lm_forward(model), model.config, B, model.device)
-        cache.pending = prompts.tolist()
-        decode_step(cache, ctx, rows, budget, s, rules)  # prefill + n tokens
-        _sync()
-        t = time.perf_counter()
-        decode_step(cache, ctx, rows, budget, s, rules)  # n more one-token forwards
-        _sync()
-        return (time.perf_counter() - t) / n * 1e3
-
-    run()
-    return statistics.median(run() for _ in range(repeats))
+    cache = row_cache(model, role, B, 0, mode, capacity)
+    cache.pending = prompts.tolist()
+    _sync()
+    t0 = time.perf_counter()
+    decode_step(cache, ctx, rows, budget, s, rules)  # prefill + n tokens
+    _sync()
+    whole = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    decode_step(cache, ctx, rows, budget, s, rules)  # n more one-token forwards (the first feeds 1 queued token)
+    _sync()
+    return whole, (time.perf_counter() - t1) / n * 1e3
 
 
-def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: int) -> float:
+def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: int, mode: str, cap: int) -> float:
     """Median ms of scoring one `step_tokens`-token step for every row (and keeping it)."""
     B = prompts.shape[0]
     problems = tok.batch_decode(prompts.tolist())
@@ -117,7 +124,7 @@ def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: 
     steps = [
         tok.batch_decode(torch.randint(1, 1000, (B, step_tokens), generator=g).tolist()) for _ in range(repeats + 6)
     ]
-    prm.start(problems)
+    prm.start(problems, fast_path=mode, capacity=cap)
     times = []
     for k, texts in enumerate(steps):
         _sync()
@@ -127,61 +134,81 @@ def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: 
         _sync()
         if k >= 2:  # the first call also feeds the problem prefixes
             times.append((time.perf_counter() - t) * 1e3)
-    print(f"PRM step ms at B={B}: {[round(x, 1) for x in times]}", flush=True)
     return statistics.median(times)
 
 
-def calibration_rewards(target, draft, prm, tok, args) -> list[float]:
-    """Draft step rewards of a pilot run (16 other prompts, every step accepted), sorted: δ is read off them."""
+def calibration_rewards(target, draft, prm, tok, args, mode: str) -> list[float]:
+    """Draft step rewards of a pilot run (16 other prompts, every step accepted), sorted: δ is read off them.
+    (For "compile" the pilot runs on "graphs": the same rewards up to rounding, without compiling for 16 rows.)"""
     g = torch.Generator().manual_seed(10**6)
     prompts = torch.randint(1, 1000, (16, args.prompt_tokens), generator=g).to(target.device)
     pilot = target.generate(
         input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=4 * args.new_tokens,
         min_new_tokens=4 * args.new_tokens, do_sample=False, tokenizer=tok, assistant_model=draft,
         reward_model=prm, rsd_threshold=float("-inf"), rsd_max_step_tokens=args.step_tokens,
-        return_dict_in_generate=True,
+        return_dict_in_generate=True, rsd_fast_path=mode,
     )  # fmt: skip
     return sorted(s["reward"] for row in pilot.rsd_stats["steps"] for s in row)
 
 
-def measure(B: int, draft, target, prm, tok, args) -> dict:
-    """Every measurement at batch size `B`."""
+def ms_per_replay(model, role: str, n: int = 64) -> float | None:
+    """ms per replay of a model's captured one-token graph, back to back: the device time of one decode forward
+    with no host work in between (None when nothing was captured)."""
+    cache = fast._CACHES.get(model.base_model, {}).get(role)
+    if cache is None or 1 not in cache._captured:
+        return None
+    graph = cache._captured[1][0]
+    graph.replay()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    _sync()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def _capture_seconds() -> dict:
+    """Seconds spent capturing (and compiling) per kept static cache, by model role."""
+    out: dict = {}
+    for kept in fast._CACHES.values():
+        for role, cache in kept.items():
+            out[role] = out.get(role, 0.0) + cache.capture_seconds
+    return out
+
+
+def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> dict:
+    """Per-component times and RSD end to end on one decoding path (`mode`, see `rsd_fast_path`)."""
     N, R = args.new_tokens, args.repeats
-    g = torch.Generator().manual_seed(B)
-    prompts = torch.randint(1, 1000, (B, args.prompt_tokens), generator=g)
-    enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
-    fixed = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    row: dict = {"batch_size": B, "new_tokens": N, "prompt_tokens": args.prompt_tokens}
-    row["ms_per_forward"] = {
-        "draft": ms_per_forward(draft, tok, prompts, 64, R),
-        "target": ms_per_forward(target, tok, prompts, 64, R),
+    cap = args.prompt_tokens + N + args.step_tokens + 64  # what rsd_decode gives its static caches
+    row: dict = {"mode": mode}
+    t0 = time.perf_counter()
+    for model, role in ((draft, "draft"), (target, "target")):  # first use: capture / compile
+        loop_alone(model, role, tok, prompts, N, mode, cap)
+    row["first_use_seconds"] = time.perf_counter() - t0
+    runs = {role: [loop_alone(model, role, tok, prompts, N, mode, cap) for _ in range(R)]
+            for model, role in ((draft, "draft"), (target, "target"))}  # fmt: skip
+    row["ms_per_forward"] = {role: statistics.median(r[1] for r in v) for role, v in runs.items()}
+    row["target_alone_seconds"] = statistics.median(r[0] for r in runs["target"])
+    row["ms_per_graph_replay"] = {
+        role: ms_per_replay(model, role) for model, role in ((draft, "draft"), (target, "target"))
     }
-    row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, prompts, args.step_tokens, R)
-    print(f"B={B} per forward {row['ms_per_forward']} ms, PRM step {row['ms_per_prm_step']:.2f} ms", flush=True)
-
-    def run_rsd(delta: float):
-        return target.generate(
-            **enc, **fixed, tokenizer=tok, assistant_model=draft, reward_model=prm, rsd_threshold=delta,
-            rsd_max_step_tokens=args.step_tokens, return_dict_in_generate=True,
-        )  # fmt: skip
-
-    rewards = calibration_rewards(target, draft, prm, tok, args)
-    times = {}
-    _, times["target_generate_eager"], _ = timed(lambda: target.generate(**enc, **fixed), R)
-    times["target_rsd_loop_alone"] = row["ms_per_forward"]["target"] * N / 1e3
-    if B == 1:  # transformers refuses batched assisted generation
-        # vocab sizes differ by padding (151936 vs 152064), so transformers takes its universal (text-level) path
-        assisted = dict(assistant_model=draft, tokenizer=tok, assistant_tokenizer=tok)
-        try:
-            _, times["assisted_generation"], _ = timed(lambda: target.generate(**enc, **fixed, **assisted), R)
-        except (ValueError, RuntimeError) as e:  # report, do not hide, a failure of the baseline
-            row["assisted_generation_error"] = f"{type(e).__name__}: {e}"
+    row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, prompts, args.step_tokens, R, mode, 2 * N + 64)
+    print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (graph replay alone {row['ms_per_graph_replay']}), "
+          f"PRM step {row['ms_per_prm_step']:.2f} ms, "
+          f"target alone {row['target_alone_seconds']:.3f} s", flush=True)  # fmt: skip
+    if args.no_rsd:
+        return row
+    enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
+    rewards = calibration_rewards(target, draft, prm, tok, args, "graphs" if mode == "compile" else mode)
     row["rsd"] = {}
     for name, q in (("accept80", 0.2), ("accept50", 0.5)):
         delta = rewards[int(q * (len(rewards) - 1))]
-        out, t, all_t = timed(lambda d=delta: run_rsd(d), R)
+        run = lambda d=delta: target.generate(
+            **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, tokenizer=tok, assistant_model=draft,
+            reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens, return_dict_in_generate=True,
+            rsd_fast_path=mode,
+        )  # fmt: skip
+        out, t, all_t = timed(run, R)
         st = out.rsd_stats
         calls = st["forward_calls"]
         predicted = (
@@ -196,25 +223,55 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
             "seconds_all": all_t,
             "tokens_per_s": B * N / t,
             "forward_calls": calls,
+            "prm_calls": st["prm_calls"],
             "predicted_seconds": predicted,
             "measured_over_predicted": t / predicted,
-            "speedup_vs_target_generate_eager": times["target_generate_eager"] / t,
-            "speedup_vs_target_rsd_loop_alone": times["target_rsd_loop_alone"] / t,
         }
-        print(f"B={B} RSD {name}: {row['rsd'][name]}", flush=True)
+        print(f"B={B} {mode} RSD {name}: {row['rsd'][name]}", flush=True)
+    row["capture_seconds"] = _capture_seconds()
+    return row
+
+
+def measure(B: int, draft, target, prm, tok, args) -> dict:
+    """Every measurement at batch size `B`, side by side."""
+    N, R = args.new_tokens, args.repeats
+    g = torch.Generator().manual_seed(B)
+    prompts = torch.randint(1, 1000, (B, args.prompt_tokens), generator=g)
+    enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
+    fixed = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    row: dict = {"batch_size": B, "new_tokens": N, "prompt_tokens": args.prompt_tokens, "modes": {}}
+    for mode in args.modes:
+        row["modes"][mode] = measure_mode(B, mode, draft, target, prm, tok, prompts, args)
+    times = {f"target_alone_{m}": v["target_alone_seconds"] for m, v in row["modes"].items()}
+    _, times["target_generate_eager"], _ = timed(lambda: target.generate(**enc, **fixed), R)
+    if B == 1 and not args.no_assisted:  # transformers refuses batched assisted generation
+        # vocab sizes differ by padding (151936 vs 152064), so transformers takes its universal (text-level) path
+        assisted = dict(assistant_model=draft, tokenizer=tok, assistant_tokenizer=tok)
+        try:
+            _, times["assisted_generation"], _ = timed(lambda: target.generate(**enc, **fixed, **assisted), R)
+        except (ValueError, RuntimeError) as e:  # report, do not hide, a failure of the baseline
+            row["assisted_generation_error"] = f"{type(e).__name__}: {e}"
     if not args.no_static:
         t0 = time.perf_counter()
         target.generate(**enc, **fixed, cache_implementation="static")
         _sync()
-        row["static_first_call_s"] = time.perf_counter() - t0  # includes compilation
+        row["generate_static_first_call_s"] = time.perf_counter() - t0  # includes compilation
         _, times["target_generate_static"], _ = timed(
             lambda: target.generate(**enc, **fixed, cache_implementation="static"), R
         )
-        for v in row["rsd"].values():
-            v["speedup_vs_target_generate_static"] = times["target_generate_static"] / v["seconds"]
     row["target_only_seconds"] = times
+    best = min((k for k in times if k != "assisted_generation"), key=times.get)
+    row["best_target_only"] = best
+    for v in row["modes"].values():
+        for r in v.get("rsd", {}).values():
+            r["speedup_vs_best_target_only"] = times[best] / r["seconds"]
+            r["speedup_vs_target_generate_eager"] = times["target_generate_eager"] / r["seconds"]
+            if "target_generate_static" in times:
+                r["speedup_vs_target_generate_static"] = times["target_generate_static"] / r["seconds"]
     row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    print(f"B={B} target-only {times}, peak GPU memory {row['peak_gpu_memory_gib']} GiB", flush=True)
+    print(f"B={B} target-only {times} (best: {best}), peak GPU memory {row['peak_gpu_memory_gib']} GiB", flush=True)
     return row
 
 
@@ -227,6 +284,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (median reported)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for checking the script itself")
     ap.add_argument("--no-static", action="store_true", help="skip target.generate with a static (compiled) cache")
+    ap.add_argument("--no-assisted", action="store_true", help="skip transformers assisted generation")
+    ap.add_argument("--no-rsd", action="store_true", help="per-component times only")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["off", "graphs", "compile"],
+        choices=fast.MODES[1:],
+        help="decoding paths to measure (rsd_fast_path values)",
+    )
     ap.add_argument("--output", default=None, help="default: benchmarks/results/speed-<gpu>.json")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)

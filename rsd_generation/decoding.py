@@ -99,15 +99,38 @@ class StepSeparator:
         else:  # a multi-byte character may be split across byte-level tokens: check every token
             self.may_end = torch.ones(len(tokenizer), dtype=torch.bool)
 
-    def __call__(self, step: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """`(R,)` bools: the step `(R, t)` now ends in the separator."""
+    def __call__(self, step: torch.Tensor, scores: torch.Tensor, sync: bool = True) -> torch.Tensor:
+        """`(R,)` bools: the step `(R, t)` now ends in the separator. With `sync=False` the host never waits for
+        the device (the prefilter is applied as a mask instead of a shortcut)."""
         self.may_end = self.may_end.to(step.device)
         last = step[:, -1]
         n = len(self.may_end)
         possible = torch.where(last < n, self.may_end[last.clamp(max=n - 1)], False)  # possible: [R]
-        if not bool(possible.any()):
+        if sync and not bool(possible.any()):
             return possible
         return self.criteria(step, scores).to(step.device) & possible
+
+
+class HostFlag:
+    """A device bool read by the host without draining the stream: copied to pinned memory behind an event."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def set(self, x: torch.Tensor) -> HostFlag:
+        """Start copying `x` (a 0-d bool tensor)."""
+        self.host.copy_(x, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record(torch.cuda.current_stream(x.device))
+        return self
+
+    def get(self) -> bool:
+        """Wait only for the copy, then read it."""
+        if self.cuda:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 _SEPARATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -149,6 +172,8 @@ def decode_step(
     """
     dev = cache.device
     rows, budget, ctx, eos = rows.to(dev), budget.to(dev), ctx.to(dev), s.eos.to(dev)
+    ahead = getattr(cache, "run_ahead", False)  # queue each forward before the host learns whether it is needed
+    going_on = HostFlag(dev)
     logits = cache.feed_pending(rows)  # logits: [R, V]
     start = cache.length
     alive, user_stop = rows.clone(), torch.zeros_like(rows)  # alive, user_stop: [R]
@@ -162,15 +187,19 @@ def decode_step(
         step = torch.cat([step, tok[:, None]], 1)
         n += alive.long()
         ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
-        ended |= rules.separator(step, scores)
+        ended |= rules.separator(step, scores, sync=not ahead)
         if len(rules.user):
             hit = rules.user(torch.cat([ctx, step], 1), scores).to(dev)
             user_stop |= alive & hit
             ended |= hit
         alive &= ~ended
-        if not alive.any():
+        going_on.set(alive.any())
+        if ahead:  # the GPU runs this forward while the host reads the flag (wasted, all rows masked, at the end)
+            logits = cache.feed(tok[:, None], alive[:, None])
+        if not going_on.get():
             break
-        logits = cache.feed(tok[:, None], alive[:, None])
+        if not ahead:
+            logits = cache.feed(tok[:, None], alive[:, None])
     steps = [step[i, :k].tolist() for i, k in enumerate(n.tolist())]
     for i, sel in enumerate(rows.tolist()):
         if sel:

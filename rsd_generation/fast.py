@@ -113,6 +113,7 @@ class StaticRowCache(RowCache):
         self.kv = StaticKV(_kv_shapes(config), batch_size, capacity, self.dtype, devices)
         self.graphs = graphs and self.device.type == "cuda" and len(set(devices)) == 1
         self.compile_decode = compile_decode and self.graphs
+        self.run_ahead = True  # decode_step may queue a forward before it knows any row needs it (no host sync)
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
         self._pool = None
         self._compiled = None

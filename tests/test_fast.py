@@ -122,7 +122,8 @@ def test_static_caches_are_reused_across_calls_and_per_role(qwen_pair, prm, tok)
     assert row_cache(draft, "target", 3, 0, "static", 256) is not kept["draft"]  # one model in two roles: two caches
     # one model as draft and target at once (each role its own cache): the draft's own output
     same = rsd_generate(draft, draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static")
-    assert torch.equal(same.sequences, draft.generate(**encode(tok, PROMPTS), max_new_tokens=24, do_sample=False))
+    expected = draft.generate(**encode(tok, PROMPTS).to(draft.device), max_new_tokens=24, do_sample=False)
+    assert torch.equal(same.sequences, expected)
 
 
 @pytest.mark.parametrize(
