@@ -137,15 +137,12 @@ def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: 
     return statistics.median(times)
 
 
-def calibration_rewards(target, draft, prm, tok, args, mode: str) -> list[float]:
-    """Draft step rewards of a pilot run (16 other prompts, every step accepted), sorted: δ is read off them.
-    (For "compile" the pilot runs on "graphs": the same rewards up to rounding, without compiling for 16 rows.)"""
-    g = torch.Generator().manual_seed(10**6)
-    prompts = torch.randint(1, 1000, (16, args.prompt_tokens), generator=g).to(target.device)
+def calibration_rewards(target, draft, prm, tok, enc: dict, args, mode: str) -> list[float]:
+    """Draft step rewards of a pilot run on the measured prompts with every step accepted, sorted: δ is read off
+    them. (For "compile" the pilot runs on "graphs": the same rewards up to rounding, and no compilation.)"""
     pilot = target.generate(
-        input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=4 * args.new_tokens,
-        min_new_tokens=4 * args.new_tokens, do_sample=False, tokenizer=tok, assistant_model=draft,
-        reward_model=prm, rsd_threshold=float("-inf"), rsd_max_step_tokens=args.step_tokens,
+        **enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, tokenizer=tok,
+        assistant_model=draft, reward_model=prm, rsd_threshold=float("-inf"), rsd_max_step_tokens=args.step_tokens,
         return_dict_in_generate=True, rsd_fast_path=mode,
     )  # fmt: skip
     return sorted(s["reward"] for row in pilot.rsd_stats["steps"] for s in row)
@@ -199,10 +196,10 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     if args.no_rsd:
         return row
     enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
-    rewards = calibration_rewards(target, draft, prm, tok, args, "graphs" if mode == "compile" else mode)
+    rewards = calibration_rewards(target, draft, prm, tok, enc, args, "graphs" if mode == "compile" else mode)
     row["rsd"] = {}
     for name, q in (("accept80", 0.2), ("accept50", 0.5)):
-        delta = rewards[int(q * (len(rewards) - 1))]
+        delta = (rewards[int(q * len(rewards))] + rewards[int(q * len(rewards)) - 1]) / 2  # between two steps
         run = lambda d=delta: target.generate(
             **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, tokenizer=tok, assistant_model=draft,
             reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens, return_dict_in_generate=True,
@@ -293,9 +290,17 @@ def main(argv: list[str] | None = None) -> dict:
         choices=fast.MODES[1:],
         help="decoding paths to measure (rsd_fast_path values)",
     )
+    ap.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="compile with mode='max-autotune-no-cudagraphs' and coordinate-descent tuning (slow to compile)",
+    )
     ap.add_argument("--output", default=None, help="default: benchmarks/results/speed-<gpu>.json")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
+    if args.max_autotune:
+        torch._inductor.config.coordinate_descent_tuning = True
+        fast.COMPILE_OPTIONS["mode"] = "max-autotune-no-cudagraphs"
     if not torch.cuda.is_available() and not args.tiny:
         raise SystemExit("error: benchmarks.speed needs a CUDA GPU (only --tiny runs on the CPU, to check the script)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": params,
         "shapes": {"draft": small, "target": big},
         "timing": f"median of {args.repeats} synchronised runs after a warm-up",
+        "compile_options": dict(fast.COMPILE_OPTIONS),
         "rows": rows,
         "complete": False,
         "command": " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)]),

@@ -19,6 +19,8 @@ Under greedy decoding the fast path gives the plain path's tokens: the same math
 
 from __future__ import annotations
 
+import time
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -30,6 +32,7 @@ from .kv import RowCache, causal_lm_forward, hidden_forward
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
 MODES = ("auto", "off", "static", "graphs", "compile")
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a plain head: the graph's assumptions
+COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile keywords for the one-token forward ("compile" mode)
 
 
 class StaticKV:
@@ -258,8 +261,6 @@ class StaticRowCache(RowCache):
 
     def _capture(self, ids, pos, start: int, last) -> torch.Tensor:
         """Capture the forward at this chunk's width (warm-up runs compute the real chunk) and return its output."""
-        import time
-
         t0 = time.perf_counter()
         width = ids.shape[1]
         steps = torch.arange(width, device=self.device)
@@ -267,14 +268,23 @@ class StaticRowCache(RowCache):
         fn = self._body
         if width == 1 and self.compile_decode:
             if self._compiled is None:
-                self._compiled = torch.compile(self._body, dynamic=False)
+                self._compiled = torch.compile(self._body, **COMPILE_OPTIONS)
             fn = self._compiled
         args = (buf["ids"], buf["pos"], buf["cols"], buf["last"])
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: kernels chosen, compiled code built; writes this chunk's real K/V
+            try:  # warm-up: kernels chosen, compiled code built; writes this chunk's real K/V
                 out = fn(*args)
+            except Exception as e:  # a compiler failure: say so and capture the eager forward instead
+                if fn is self._body:
+                    raise
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {e}); capturing the eager forward", stacklevel=2
+                )
+                self.compile_decode, fn = False, self._body
+                out = fn(*args)
+            out = fn(*args)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
