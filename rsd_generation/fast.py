@@ -229,6 +229,7 @@ class StaticRowCache(RowCache):
         colmask[:, : self.colmask.shape[1]] = self.colmask
         self.colmask = colmask
         self._captured.clear()
+        self._pool = None  # a pool whose graphs are all gone cannot take a new capture
         self._compiled = None
 
     def _body(self, ids: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
