@@ -86,9 +86,11 @@ def test_rows_leaving_early_keep_the_others_exact(qwen_pair, prm, tok):
 
 
 def test_static_cache_follows_row_cache_through_rollback_compaction_growth_and_rows_leaving(tok):
-    model = make_lm("qwen2", len(tok), seed=1)
-    plain = RowCache(causal_lm_forward(model), model.config, 3, torch.device("cpu"))
-    static = StaticRowCache(model.base_model, lambda h: model.lm_head(h).float(), model.config, 3, capacity=8)
+    """On a GPU the static cache captures graphs, and recaptures them after growing."""
+    model = make_lm("qwen2", len(tok), seed=1).to(DEVICE)
+    plain = RowCache(causal_lm_forward(model), model.config, 3, model.device)
+    head = lambda h: model.lm_head(h).float()
+    static = StaticRowCache(model.base_model, head, model.config, 3, capacity=8, graphs=DEVICE == "cuda")
     chunks = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     outs = []
     for c in (plain, static):
