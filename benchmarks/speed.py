@@ -138,8 +138,8 @@ def ms_per_prm_step(prm, tok, prompts: torch.Tensor, step_tokens: int, repeats: 
 
 
 def calibration_rewards(target, draft, prm, tok, enc: dict, args, mode: str) -> list[float]:
-    """Draft step rewards of a pilot run on the measured prompts with every step accepted, sorted: δ is read off
-    them. (For "compile" the pilot runs on "graphs": the same rewards up to rounding, and no compilation.)"""
+    """Draft step rewards of a pilot run on the measured prompts and path with every step accepted, sorted: δ is
+    read off them (bf16 rounding differs between paths, and random models' rewards sit close together)."""
     pilot = target.generate(
         **enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, tokenizer=tok,
         assistant_model=draft, reward_model=prm, rsd_threshold=float("-inf"), rsd_max_step_tokens=args.step_tokens,
@@ -196,15 +196,21 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     if args.no_rsd:
         return row
     enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
-    rewards = calibration_rewards(target, draft, prm, tok, enc, args, "graphs" if mode == "compile" else mode)
+    rewards = calibration_rewards(target, draft, prm, tok, enc, args, mode)
     row["rsd"] = {}
     for name, q in (("accept80", 0.2), ("accept50", 0.5)):
         delta = (rewards[int(q * len(rewards))] + rewards[int(q * len(rewards)) - 1]) / 2  # between two steps
-        run = lambda d=delta: target.generate(
-            **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, tokenizer=tok, assistant_model=draft,
-            reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens, return_dict_in_generate=True,
-            rsd_fast_path=mode,
-        )  # fmt: skip
+        accepted: list[float] = []
+
+        def run(d=delta, accepted=accepted):
+            out = target.generate(
+                **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, tokenizer=tok, assistant_model=draft,
+                reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens,
+                return_dict_in_generate=True, rsd_fast_path=mode,
+            )  # fmt: skip
+            accepted.append(out.rsd_stats["acceptance_rate"])
+            return out
+
         out, t, all_t = timed(run, R)
         st = out.rsd_stats
         calls = st["forward_calls"]
@@ -216,6 +222,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
         row["rsd"][name] = {
             "delta": delta,
             "acceptance_rate": st["acceptance_rate"],
+            "acceptance_rate_per_run": accepted[1:],  # after the warm-up; runs may differ by bf16 rounding near δ
             "seconds": t,
             "seconds_all": all_t,
             "tokens_per_s": B * N / t,
@@ -242,12 +249,13 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
     for mode in args.modes:
         row["modes"][mode] = measure_mode(B, mode, draft, target, prm, tok, prompts, args)
     times = {f"target_alone_{m}": v["target_alone_seconds"] for m, v in row["modes"].items()}
-    _, times["target_generate_eager"], _ = timed(lambda: target.generate(**enc, **fixed), R)
+    RB = args.baseline_repeats
+    _, times["target_generate_eager"], _ = timed(lambda: target.generate(**enc, **fixed), RB)
     if B == 1 and not args.no_assisted:  # transformers refuses batched assisted generation
         # vocab sizes differ by padding (151936 vs 152064), so transformers takes its universal (text-level) path
         assisted = dict(assistant_model=draft, tokenizer=tok, assistant_tokenizer=tok)
         try:
-            _, times["assisted_generation"], _ = timed(lambda: target.generate(**enc, **fixed, **assisted), R)
+            _, times["assisted_generation"], _ = timed(lambda: target.generate(**enc, **fixed, **assisted), RB)
         except (ValueError, RuntimeError) as e:  # report, do not hide, a failure of the baseline
             row["assisted_generation_error"] = f"{type(e).__name__}: {e}"
     if not args.no_static:
@@ -256,7 +264,7 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
         _sync()
         row["generate_static_first_call_s"] = time.perf_counter() - t0  # includes compilation
         _, times["target_generate_static"], _ = timed(
-            lambda: target.generate(**enc, **fixed, cache_implementation="static"), R
+            lambda: target.generate(**enc, **fixed, cache_implementation="static"), RB
         )
     row["target_only_seconds"] = times
     best = min((k for k in times if k != "assisted_generation"), key=times.get)
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--step-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (median reported)")
+    ap.add_argument("--baseline-repeats", type=int, default=2, help="timed runs of transformers' generate baselines")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for checking the script itself")
     ap.add_argument("--no-static", action="store_true", help="skip target.generate with a static (compiled) cache")
     ap.add_argument("--no-assisted", action="store_true", help="skip transformers assisted generation")
@@ -327,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": "bfloat16",
         "parameters": params,
         "shapes": {"draft": small, "target": big},
-        "timing": f"median of {args.repeats} synchronised runs after a warm-up",
+        "timing": f"median of {args.repeats} synchronised runs after a warm-up ({args.baseline_repeats} for "
+        "transformers' generate baselines)",
         "compile_options": dict(fast.COMPILE_OPTIONS),
         "rows": rows,
         "complete": False,
