@@ -238,7 +238,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
 
 def measure(B: int, draft, target, prm, tok, args) -> dict:
     """Every measurement at batch size `B`, side by side."""
-    N, R = args.new_tokens, args.repeats
+    N = args.new_tokens
     g = torch.Generator().manual_seed(B)
     prompts = torch.randint(1, 1000, (B, args.prompt_tokens), generator=g)
     enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
