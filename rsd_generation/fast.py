@@ -276,7 +276,7 @@ class StaticRowCache(RowCache):
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             try:  # warm-up: kernels chosen, compiled code built; writes this chunk's real K/V
-                out = fn(*args)
+                fn(*args)
             except Exception as e:  # a compiler failure: say so and capture the eager forward instead
                 if fn is self._body:
                     raise
@@ -284,8 +284,8 @@ class StaticRowCache(RowCache):
                     f"torch.compile failed ({type(e).__name__}: {e}); capturing the eager forward", stacklevel=2
                 )
                 self.compile_decode, fn = False, self._body
-                out = fn(*args)
-            out = fn(*args)
+                fn(*args)
+            fn(*args)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -293,9 +293,10 @@ class StaticRowCache(RowCache):
         with torch.cuda.graph(graph, pool=self._pool):
             static_out = fn(*args)
         self._captured[width] = (graph, buf, static_out)
-        torch.cuda.synchronize(self.device)
+        graph.replay()  # this chunk's K/V and output from the graph's own kernels (cuBLAS may choose other ones
+        torch.cuda.synchronize(self.device)  # under capture), so a width gives the same numbers on every use
         self.capture_seconds += time.perf_counter() - t0
-        return out.clone()
+        return static_out.clone()
 
 
 def fast_mode(mode: str | bool | None, model: nn.Module) -> str:
