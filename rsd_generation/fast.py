@@ -156,6 +156,7 @@ class StaticRowCache(RowCache):
         """Masked positions processed alongside the valid ones (dead rows and bucket padding included)."""
         return int(self._padded)
 
+    @torch.no_grad()  # inference only: an in-place write of a grad-carrying key would chain every forward's graph
     def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Append one chunk `(R, L)` (right-padded per row, `valid` marks real tokens); outputs `(R, X)` at each
         row's last valid token."""
@@ -195,6 +196,7 @@ class StaticRowCache(RowCache):
         cols = torch.arange(self.kv.capacity, device=self.device)[None, :]  # cols: [1, C]
         self.colmask.masked_fill_(sel[:, None] & (cols >= first[:, None]), False)
 
+    @torch.no_grad()
     def compact(self, min_masked: float = 0.5) -> bool:
         """Move each row's valid columns to the front once masked ones are over `min_masked` of the used columns
         (or the cache is three quarters full). Buffers are rewritten in place, so captured graphs stay valid."""

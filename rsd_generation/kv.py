@@ -60,6 +60,7 @@ class RowCache:
         """Number of cache columns (valid or masked)."""
         return self.mask.shape[1]
 
+    @torch.no_grad()  # inference only, also when called outside generate
     def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Append one chunk to every row and return the output at each row's last valid token.
 

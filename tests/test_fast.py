@@ -146,3 +146,15 @@ def test_explicit_fast_path_on_an_unsupported_model_is_refused(tok):
     assert fast_mode("auto", model) == "off"
     assert fast_mode("auto", make_lm("qwen2", len(tok), seed=1)) == "off"  # supported, but on the CPU
     assert fast_mode("static", make_lm("llama", len(tok), seed=1)) == "static"
+
+
+def test_feeding_outside_no_grad_keeps_no_autograd_graph(tok):
+    """Keys written in place under grad mode would chain every forward's graph onto the buffers (memory grows per
+    token); the cache runs without grad wherever it is called from."""
+    model = make_lm("qwen2", len(tok), seed=1).to(DEVICE)
+    c = StaticRowCache(model.base_model, model.lm_head, model.config, 2, capacity=16, graphs=DEVICE == "cuda")
+    with torch.enable_grad():
+        out = c.feed(torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.bool))
+        out = c.feed(torch.tensor([[9], [10]]), torch.ones(2, 1, dtype=torch.bool))
+    assert not out.requires_grad
+    assert not any(k.requires_grad or k.grad_fn is not None for k in c.kv.keys + c.kv.values)
