@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         result[f"{name}_aten_ops_per_token"] = sum(e.count for e in events if e.key.startswith("aten::")) / n
         result[f"{name}_cuda_kernel_ms_per_token"] = sum(e.self_device_time_total for e in events) / 1e3 / n
         result[f"{name}_top_cpu"] = _table(prof, 15, "self_cpu_time_total")
+        result[f"{name}_top_cuda"] = _table(prof, 25, "self_device_time_total")
         print(f"== {name}: {result[f'{name}_ms_per_token']:.2f} ms/token wall, "
               f"{result[f'{name}_cuda_kernel_ms_per_token']:.2f} ms/token in kernels, "
               f"{result[f'{name}_aten_ops_per_token']:.0f} aten ops/token", flush=True)  # fmt: skip
