@@ -196,17 +196,24 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     if args.no_rsd:
         return row
     enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
-    rewards = calibration_rewards(target, draft, prm, tok, enc, args, mode)
+    coin = args.acceptance == "coin"
+    rewards = None if coin else calibration_rewards(target, draft, prm, tok, enc, args, mode)
     row["rsd"] = {}
     for name, q in (("accept80", 0.2), ("accept50", 0.5)):
-        delta = (rewards[int(q * len(rewards))] + rewards[int(q * len(rewards)) - 1]) / 2  # between two steps
+        if coin:  # ω = p for every step, u from a seeded generator: the same decisions on every run and path
+            delta = 1 - q
+            how = dict(rsd_weighting="constant", rsd_weighting_kwargs={"p": delta})
+        else:  # binary ω at a δ read off the pilot's rewards
+            delta = (rewards[int(q * len(rewards))] + rewards[int(q * len(rewards)) - 1]) / 2  # between two steps
+            how = dict(rsd_weighting="binary")
         accepted: list[float] = []
 
-        def run(d=delta, accepted=accepted):
+        def run(d=delta, accepted=accepted, how=how):
             out = target.generate(
                 **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, tokenizer=tok, assistant_model=draft,
                 reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens,
                 return_dict_in_generate=True, rsd_fast_path=mode,
+                rsd_generator=torch.Generator().manual_seed(args.coin_seed), **how,
             )  # fmt: skip
             accepted.append(out.rsd_stats["acceptance_rate"])
             return out
@@ -220,7 +227,8 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             + calls["reward"] * row["ms_per_prm_step"]
         ) / 1e3
         row["rsd"][name] = {
-            "delta": delta,
+            "acceptance_control": "constant ω = p, seeded u" if coin else "binary ω, δ from a pilot run",
+            "p" if coin else "delta": delta,
             "acceptance_rate": st["acceptance_rate"],
             "acceptance_rate_per_run": accepted[1:],  # after the warm-up; runs may differ by bf16 rounding near δ
             "seconds": t,
@@ -287,6 +295,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--step-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up (median reported)")
+    ap.add_argument(
+        "--acceptance",
+        choices=["coin", "delta"],
+        default="coin",
+        help="coin: constant weighting p = 0.8 / 0.5 with seeded draws (the same decisions on every run and "
+        "path); delta: binary weighting at a δ read off a pilot run's rewards (random models' rewards sit "
+        "close together, so bf16 rounding moves decisions)",
+    )
+    ap.add_argument("--coin-seed", type=int, default=16, help="seed of the acceptance draws (16: 8 of 10 and 5 of 10)")
     ap.add_argument("--baseline-repeats", type=int, default=2, help="timed runs of transformers' generate baselines")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for checking the script itself")
     ap.add_argument("--no-static", action="store_true", help="skip target.generate with a static (compiled) cache")
