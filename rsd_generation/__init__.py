@@ -1,6 +1,7 @@
 """Reward-Guided Speculative Decoding (Liao et al. 2025) as a transformers generation mode."""
 
 from .decoding import RSDGenerateOutput, rsd_decode
+from .fast import release_fast_caches
 from .mixin import RSDGenerationMixin, with_rsd
 from .rewards import QwenPRM, RewardModel, SequenceClassificationRM, ValueHeadPRM, detect_kind, load_reward_model
 from .stats import RSDStats, Step
@@ -24,6 +25,7 @@ __all__ = [
     "get_weighting",
     "load_reward_model",
     "logistic",
+    "release_fast_caches",
     "rsd_decode",
     "sigmoidal",
     "with_rsd",

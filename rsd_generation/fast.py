@@ -349,7 +349,8 @@ def row_cache(model: nn.Module, role: str, batch_size: int, pad_token_id: int, m
         mode (`str`): from `fast_mode`; `"off"` gives a plain `RowCache`.
         capacity (`int`): columns a static cache starts with (it grows if needed).
     Returns:
-        a `RowCache`, or a `StaticRowCache` reused from the model's previous call when batch size and capacity fit.
+        a `RowCache`, or a `StaticRowCache` reused from the model's previous call when the batch size matches and its
+        capacity suffices (so a model is captured and compiled once per batch size, at the largest capacity seen).
     """
     device = model.get_input_embeddings().weight.device
     if mode == "off":
@@ -364,7 +365,7 @@ def row_cache(model: nn.Module, role: str, batch_size: int, pad_token_id: int, m
     if (
         old is not None
         and old.batch_size == batch_size
-        and capacity <= old.kv.capacity <= 2 * capacity
+        and capacity <= old.kv.capacity  # a larger kept cache serves: shapes, so graphs and compiled code, stay
         and (old.graphs, old.compile_decode) == (graphs and old.device.type == "cuda", compile_decode and old.graphs)
     ):
         old.pad_token_id = pad_token_id
