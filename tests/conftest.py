@@ -67,6 +67,22 @@ def rsd_generate(target, draft, prm, tok, prompts, **kw):
     )
 
 
+class EndRowZeroEarly:
+    """A logits processor that forces EOS as row 0's 3rd new token; rows are told apart by their prompt."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for r, ids in enumerate(input_ids.tolist()):
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            if text.startswith(PROMPTS[0]) and len(text) - len(PROMPTS[0]) >= 2:
+                scores[r] = -float("inf")
+                scores[r, self.tok.eos_token_id] = 0.0
+        return scores
+
+
 def median_reward(target, draft, prm, tok, prompts) -> float:
     """A threshold that splits the draft's step rewards in two (so both branches run)."""
     out = rsd_generate(target, draft, prm, tok, prompts, rsd_threshold=0.0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PROMPTS, encode, median_reward, rsd_generate
+from conftest import PROMPTS, EndRowZeroEarly, encode, median_reward, rsd_generate
 
 BOUND = 1.1  # forward positions / positions truly needed; recomputing the prefix each step would give ~5x
 
@@ -68,22 +68,16 @@ def test_rows_finish_on_their_own(qwen_pair, prm, tok):
     target, draft = qwen_pair
     eos = tok.eos_token_id
 
-    class EndRowZeroEarly:
-        """Forces EOS as row 0's 3rd new token; rows are told apart by their prompt."""
-
-        def __call__(self, input_ids, scores):
-            scores = scores.clone()
-            for r, ids in enumerate(input_ids.tolist()):
-                text = tok.decode(ids, skip_special_tokens=True)
-                if text.startswith(PROMPTS[0]) and len(text) - len(PROMPTS[0]) >= 2:
-                    scores[r] = -float("inf")
-                    scores[r, eos] = 0.0
-            return scores
-
     from transformers import LogitsProcessorList
 
     out = rsd_generate(
-        target, draft, prm, tok, PROMPTS, rsd_threshold=0.0, logits_processor=LogitsProcessorList([EndRowZeroEarly()])
+        target,
+        draft,
+        prm,
+        tok,
+        PROMPTS,
+        rsd_threshold=0.0,
+        logits_processor=LogitsProcessorList([EndRowZeroEarly(tok)]),
     )
     P = encode(tok, PROMPTS)["input_ids"].shape[1]
     row0 = out.sequences[0, P:].tolist()

@@ -4,7 +4,7 @@ are exercised on a GPU by `tests/test_fast.py` run there (see the README) and by
 
 import pytest
 import torch
-from conftest import PROMPTS, encode, median_reward, rsd_generate
+from conftest import PROMPTS, EndRowZeroEarly, encode, median_reward, rsd_generate
 from transformers import LogitsProcessorList
 
 import rsd_generation as rsd
@@ -65,19 +65,8 @@ def test_rows_leaving_early_keep_the_others_exact(qwen_pair, prm, tok):
     """Row 0 ends at its 3rd token; the rows that go on give what the plain path gives."""
     target, draft = qwen_pair
     eos = tok.eos_token_id
-
-    class EndRowZeroEarly:
-        def __call__(self, input_ids, scores):
-            scores = scores.clone()
-            for r, ids in enumerate(input_ids.tolist()):
-                text = tok.decode(ids, skip_special_tokens=True)
-                if text.startswith(PROMPTS[0]) and len(text) - len(PROMPTS[0]) >= 2:
-                    scores[r] = -float("inf")
-                    scores[r, eos] = 0.0
-            return scores
-
     delta = median_reward(target, draft, prm, tok, PROMPTS)
-    kw = dict(rsd_threshold=delta, logits_processor=LogitsProcessorList([EndRowZeroEarly()]), max_new_tokens=40)
+    kw = dict(rsd_threshold=delta, logits_processor=LogitsProcessorList([EndRowZeroEarly(tok)]), max_new_tokens=40)
     plain = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path="off", **kw)
     fast = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path="static", **kw)
     _same(fast, plain)
