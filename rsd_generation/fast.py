@@ -107,7 +107,8 @@ class StaticRowCache(RowCache):
 
     def __init__(self, backbone: nn.Module, head: Callable, config, batch_size: int, capacity: int,
                  pad_token_id: int = 0, graphs: bool = False, compile_decode: bool = False):  # fmt: skip
-        self.backbone, self.head, self.config = backbone, head, config
+        self._backbone = weakref.ref(backbone)  # the kept-caches table is keyed weakly by it: do not pin the model
+        self.head, self.config = head, config
         self.device = backbone.get_input_embeddings().weight.device
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
@@ -122,6 +123,13 @@ class StaticRowCache(RowCache):
         self._compiled = None
         self.capture_seconds = 0.0  # time spent capturing (and compiling), all widths
         self.reset(batch_size)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The model body this cache runs."""
+        model = self._backbone()
+        assert model is not None, "the model of this cache was freed"
+        return model
 
     def reset(self, batch_size: int) -> None:
         """Start over for a new batch of `batch_size` (= B) rows; buffers and captured graphs are kept."""

@@ -147,3 +147,16 @@ def test_feeding_outside_no_grad_keeps_no_autograd_graph(tok):
         out = c.feed(torch.tensor([[9], [10]]), torch.ones(2, 1, dtype=torch.bool))
     assert not out.requires_grad
     assert not any(k.requires_grad or k.grad_fn is not None for k in c.kv.keys + c.kv.values)
+
+
+def test_kept_caches_do_not_keep_a_model_alive(tok, prm):
+    import gc
+    import weakref
+
+    target, draft = make_lm("qwen2", len(tok), seed=7), make_lm("qwen2", len(tok), seed=8)
+    rsd_generate(rsd.with_rsd(target), draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static")
+    assert fast._CACHES.get(draft.base_model)  # kept for the next call
+    gone = weakref.ref(draft)
+    del draft
+    gc.collect()
+    assert gone() is None
