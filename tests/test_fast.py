@@ -156,7 +156,7 @@ def test_kept_caches_do_not_keep_a_model_alive(tok, prm):
     target, draft = make_lm("qwen2", len(tok), seed=7), make_lm("qwen2", len(tok), seed=8)
     rsd_generate(rsd.with_rsd(target), draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static")
     assert fast._CACHES.get(draft.base_model)  # kept for the next call
-    gone = weakref.ref(draft)
+    gone = weakref.ref(draft.base_model)  # the key of the kept-caches table
     del draft
     gc.collect()
     assert gone() is None
