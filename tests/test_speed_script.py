@@ -1,0 +1,21 @@
+"""`benchmarks.speed` runs end to end (tiny shapes, CPU, the eager fixed-shape path) and writes what the README
+reads: speedup keys, the cost model's ratio, acceptance under the seeded control."""
+
+import json
+
+from benchmarks import speed
+
+
+def test_speed_script_writes_its_results(tmp_path):
+    out = tmp_path / "speed.json"
+    argv = ["--tiny", "--batch-sizes", "1", "--new-tokens", "40", "--prompt-tokens", "8", "--step-tokens", "4",
+            "--modes", "static", "--no-static", "--no-assisted", "--repeats", "1", "--baseline-repeats", "1",
+            "--output", str(out)]  # fmt: skip
+    speed.main(argv)
+    row = json.loads(out.read_text())["rows"][0]
+    rsd = row["modes"]["static"]["rsd"]
+    assert rsd["accept80"]["acceptance_rate"] == 0.8 and rsd["accept50"]["acceptance_rate"] == 0.5  # seed 16
+    for r in rsd.values():
+        assert r["speedup_vs_best_target_only"] == row["target_only_seconds"][row["best_target_only"]] / r["seconds"]
+        assert r["measured_over_predicted"] > 0
+    assert row["best_target_only"] in ("target_alone_static", "target_generate_eager")
