@@ -146,7 +146,6 @@ class StaticRowCache(RowCache):
         self._row_tokens = torch.zeros(self.batch_size, dtype=torch.long, device=dev)  # per buffer row = original row
         self._padded = torch.zeros((), dtype=torch.long, device=dev)
         self.forward_calls = 0
-        self.dense = False
 
     # -- RowCache's contract --------------------------------------------------------------------------------------
     @property
