@@ -26,16 +26,6 @@ from .io import refuse_overwrite, write_json_atomic
 from .speed import QWEN_1_5B
 
 SHAPES = {**QWEN_1_5B, "max_position_embeddings": 4096}  # Qwen2.5-Math-1.5B's shapes (tied embeddings)
-SHAPES = dict(
-    vocab_size=151936,
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
 
 
 def write_random_checkpoint(path: Path, seed: int, value_head: bool) -> int:
