@@ -115,6 +115,7 @@ class StaticRowCache(RowCache):
         self.dtype = backbone.get_input_embeddings().weight.dtype
         devices = _layer_devices(backbone, config.num_hidden_layers)
         self.kv = StaticKV(_kv_shapes(config), batch_size, capacity, self.dtype, devices)
+        self.requested = (graphs, compile_decode)  # what the caller asked for: a kept cache serves the same ask
         self.graphs = graphs and self.device.type == "cuda" and len(set(devices)) == 1
         self.compile_decode = compile_decode and self.graphs
         self.run_ahead = True  # decode_step may queue a forward before it knows any row needs it (no host sync)
@@ -373,7 +374,7 @@ def row_cache(model: nn.Module, role: str, batch_size: int, pad_token_id: int, m
         old is not None
         and old.batch_size == batch_size
         and capacity <= old.kv.capacity  # a larger kept cache serves: shapes, so graphs and compiled code, stay
-        and (old.graphs, old.compile_decode) == (graphs and old.device.type == "cuda", compile_decode and old.graphs)
+        and old.requested == (graphs, compile_decode)
     ):
         old.pad_token_id = pad_token_id
         old.reset(batch_size)
