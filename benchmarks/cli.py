@@ -204,7 +204,7 @@ def load_models(args: argparse.Namespace) -> Models:
         ):
             path = Path(given) if given else args.output / "merged" / which.replace("*", "-star")
             if not given and not path.exists():
-                from merging import merge_prm_with_policy
+                from rsd_generation.merging import merge_prm_with_policy
 
                 merge_prm_with_policy(policy, prm, path)
             model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()

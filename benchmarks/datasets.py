@@ -16,7 +16,7 @@ from pathlib import Path
 
 from math_verify import parse, verify
 
-from benchmarks.toy import task
+from .toy import task
 
 # a copy of ../shared/data ships in benchmarks/data (public test sets, 1.2 MB), so tests and CI need nothing outside
 DATA_DIR = Path(os.environ.get("RSD_DATA_DIR") or Path(__file__).resolve().parent / "data")

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from rsd_generation.benchmarks import cli, methods
+from rsd_generation.benchmarks.io import RecordStore
+from rsd_generation.benchmarks.methods import costs, plain_positions, split
+from rsd_generation.benchmarks.report import markdown, summarize
+from rsd_generation.benchmarks.toy.tokenizer import build_toy_tokenizer
 
-from benchmarks import cli, methods
-from benchmarks.io import RecordStore
-from benchmarks.methods import costs, plain_positions, split
-from benchmarks.report import markdown, summarize
-from benchmarks.toy.tokenizer import build_toy_tokenizer
 from rsd_generation.testing import make_lm, save_value_head_prm
 
 QUICK = ["--num-problems", "4", "--batch-size", "2", "--max-new-tokens", "60", "--no-plots"]

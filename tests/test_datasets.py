@@ -8,9 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from benchmarks import datasets
-from benchmarks.datasets import (
+from rsd_generation.benchmarks import datasets
+from rsd_generation.benchmarks.datasets import (
     SYSTEM_PROMPT,
     Example,
     grade,
@@ -19,7 +18,8 @@ from benchmarks.datasets import (
     load_toy_dataset,
     qwen_math_prompt,
 )
-from benchmarks.toy.task import problems
+from rsd_generation.benchmarks.toy.task import problems
+
 from rsd_generation.testing import build_tokenizer
 
 

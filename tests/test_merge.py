@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PROMPTS, encode, rsd_generate, skywork_reference
+from rsd_generation.merging import MergeError, merge_prm_with_policy
+from rsd_generation.merging.cli import main as cli
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 import rsd_generation as rsd
-from merging import MergeError, merge_prm_with_policy
-from merging.cli import main as cli
 from rsd_generation.rewards import checkpoint_tensor_files
 from rsd_generation.testing import make_lm, save_value_head_prm
 

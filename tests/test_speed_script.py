@@ -3,7 +3,7 @@ reads: speedup keys, the cost model's ratio, acceptance under the seeded control
 
 import json
 
-from benchmarks import speed
+from rsd_generation.benchmarks import speed
 
 
 def test_speed_script_writes_its_results(tmp_path):

@@ -1,8 +1,15 @@
 """The toy task: generator, reference solutions, step labels and grading."""
 
 import pytest
-
-from benchmarks.toy.task import LEVELS, Problem, generate_problem, is_correct, problems, split_steps, step_labels
+from rsd_generation.benchmarks.toy.task import (
+    LEVELS,
+    Problem,
+    generate_problem,
+    is_correct,
+    problems,
+    split_steps,
+    step_labels,
+)
 
 P = Problem(numbers=(37, 8, 12, 5), ops=("+", "*", "-"), level=2)
 

@@ -1,10 +1,10 @@
 """The toy tokenizer: round trip, "\\n\\n" as one token, and the same tokens once loaded as a Qwen2 checkpoint's."""
 
 import pytest
+from rsd_generation.benchmarks.toy.task import problems
+from rsd_generation.benchmarks.toy.tokenizer import build_toy_tokenizer
 from transformers import AutoTokenizer
 
-from benchmarks.toy.task import problems
-from benchmarks.toy.tokenizer import build_toy_tokenizer
 from rsd_generation.testing import make_lm
 
 

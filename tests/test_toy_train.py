@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from rsd_generation.benchmarks.toy.task import Problem, split_steps, step_labels
+from rsd_generation.benchmarks.toy.tokenizer import build_toy_tokenizer
+from rsd_generation.benchmarks.toy.train import prm_example, roc_auc
 
 import rsd_generation as rsd
-from benchmarks.toy.task import Problem, split_steps, step_labels
-from benchmarks.toy.tokenizer import build_toy_tokenizer
-from benchmarks.toy.train import prm_example, roc_auc
 
 
 def test_roc_auc_on_a_hand_computed_case():
