@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"checkpoints written: {size / 2**30:.2f} GiB each", flush=True)
 
     code = (
-        "import sys, resource, time; from rsd_generation.merging import merge_prm_with_policy; t = time.perf_counter(); "
+        "import sys, resource, time; from rsd_generation.merging import merge_prm_with_policy; "
+        "t = time.perf_counter(); "
         "merge_prm_with_policy(sys.argv[1], sys.argv[2], sys.argv[3]); "
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
