@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.utils import cached_file
 
+from rsd_generation.paths import check_checkpoint_path, overlaps
 from rsd_generation.rewards import VALUE_HEAD_FILE, checkpoint_tensor_files, tensor_names
 
 LM_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
@@ -178,15 +179,19 @@ def merge_prm_with_policy(
         `MergeError` (a `ValueError`) before anything is written: bad weights, no value head, backbones that
         differ (naming the first tensor), an existing output without `force`.
     """
-    policy, prm, out = str(policy), str(prm), Path(output_dir)
+    for what, path in (("policy", policy), ("prm", prm)):
+        try:
+            check_checkpoint_path(path, what)
+        except ValueError as e:
+            raise MergeError(str(e)) from None
+    policy, prm, out = str(policy), str(prm), Path(output_dir).expanduser()
     check_weights(policy_weight, prm_weight, normalize)
-    if out.exists() and not force:
-        raise MergeError(f"output directory {str(out)!r} exists; pass force=True (--force) to replace it")
     if dtype not in (None, "bfloat16", "float16", "float32"):
         raise MergeError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
     policy_cfg = _config(policy)
     _config(prm)
     policy_files, prm_files = checkpoint_tensor_files(policy), checkpoint_tensor_files(prm)
+    _check_output(out, force, {"policy": policy_files, "prm": prm_files})
     head_names = [n for n in prm_files if n.startswith("v_head.")]
     if not head_names:
         raise MergeError(f"{prm!r} has no value head (no v_head.* tensors): not a value-head PRM")
@@ -231,6 +236,28 @@ def merge_prm_with_policy(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_output(out: Path, force: bool, inputs: dict[str, dict[str, str]]) -> None:
+    """Refuse an output that would overwrite or delete an input, or anything that is not an earlier merge."""
+    for what, files in inputs.items():
+        for folder in sorted({str(Path(f).parent) for f in files.values()}):
+            if overlaps(out, folder):
+                raise MergeError(
+                    f"output {str(out)!r} overlaps the {what} checkpoint at {folder!r} (the same directory, inside "
+                    "it, or containing it); a merge never writes over its inputs, with or without --force"
+                )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MergeError(f"output {str(out)!r} exists and is a file; choose another path")
+    if not force:
+        raise MergeError(f"output directory {str(out)!r} exists; pass force=True (--force) to replace it")
+    if any(out.iterdir()) and not (out / VALUE_HEAD_FILE).is_file():
+        raise MergeError(
+            f"output directory {str(out)!r} is not an earlier rsd-merge output (it has no {VALUE_HEAD_FILE}); "
+            "--force only replaces a merge, never other data: choose another path"
+        )
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -21,6 +21,7 @@ from transformers.utils import cached_file
 
 from .fast import row_cache
 from .kv import RowCache, pad_right
+from .paths import check_checkpoint_path
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # a merged checkpoint's PRM head, outside the index
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -394,6 +395,7 @@ def load_reward_model(
         raise ValueError(f"unknown reward model kind {kind!r}; allowed: auto, {', '.join(KINDS)}")
     if isinstance(path_or_model, PreTrainedModel):
         return _from_loaded(path_or_model, kind, tokenizer)
+    check_checkpoint_path(path_or_model, "reward model")
     path = str(path_or_model)
     from_pretrained_kwargs.setdefault("trust_remote_code", False)  # never execute code from a checkpoint
     config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False)

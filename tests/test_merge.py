@@ -169,10 +169,53 @@ def test_existing_output_is_kept_unless_forced(policy_dir, prm_dir, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(MergeError, match="exists; pass force=True"):
         merge_prm_with_policy(policy_dir, prm_dir, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    merge_prm_with_policy(policy_dir, prm_dir, out, force=True)
+    with pytest.raises(MergeError, match="not an earlier rsd-merge output"):  # --force replaces merges, nothing else
+        merge_prm_with_policy(policy_dir, prm_dir, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    merge_prm_with_policy(policy_dir, prm_dir, out, force=True)  # an empty directory may be replaced
+    (out / "keep.txt").write_text("from an earlier merge")
+    merge_prm_with_policy(policy_dir, prm_dir, out, force=True)  # as may an earlier merge
     assert not (out / "keep.txt").exists() and (out / "value_head.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial or old copies left behind
+    file = tmp_path / "file"
+    file.write_text("mine")
+    with pytest.raises(MergeError, match="is a file"):
+        merge_prm_with_policy(policy_dir, prm_dir, file, force=True)
+    assert file.read_text() == "mine"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["policy", "prm", "parent", "inside", "symlink"])
+def test_a_merge_never_writes_over_its_inputs(tok, tmp_path, where):
+    models = tmp_path / "models"
+    policy = models / "policy"
+    make_lm("qwen2", len(tok), seed=1).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    prm = save_value_head_prm(models / "prm", tok, seed=5)
+    (models / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(policy)
+    out = {"policy": policy, "prm": prm, "parent": models, "inside": policy / "merged", "symlink": tmp_path / "link"}
+    before = _tree(tmp_path)
+    for force in (False, True):
+        with pytest.raises(MergeError, match="overlaps the (policy|prm) checkpoint"):
+            merge_prm_with_policy(policy, prm, out[where], force=force)
+        assert cli(["--policy", str(policy), "--prm", str(prm), "--output", str(out[where]), "--force"]) == 2
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag", ["--policy", "--prm"])
+def test_a_missing_input_is_named(policy_dir, prm_dir, tmp_path, capsys, flag):
+    args = {"--policy": str(policy_dir), "--prm": str(prm_dir)}
+    args[flag] = str(tmp_path / "no-such-model")
+    assert cli([*[x for kv in args.items() for x in kv], "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model' does not exist" in err and flag.lstrip("-") in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_merge_failing_half_way_leaves_nothing(policy_dir, prm_dir, tmp_path, monkeypatch):
