@@ -13,7 +13,7 @@ def looks_local(path: str | os.PathLike) -> bool:
         isinstance(path, os.PathLike)
         or s.startswith(("/", "./", "../", "~", "."))
         or s.count("/") > 1
-        or os.sep != "/" and os.sep in s
+        or (os.sep != "/" and os.sep in s)
         or os.path.exists(s)
     )
 

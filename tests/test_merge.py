@@ -202,7 +202,7 @@ def test_a_merge_never_writes_over_its_inputs(tok, tmp_path, where):
     out = {"policy": policy, "prm": prm, "parent": models, "inside": policy / "merged", "symlink": tmp_path / "link"}
     before = _tree(tmp_path)
     for force in (False, True):
-        with pytest.raises(MergeError, match="overlaps the (policy|prm) checkpoint"):
+        with pytest.raises(MergeError, match=r"overlaps the (policy|prm) checkpoint"):
             merge_prm_with_policy(policy, prm, out[where], force=force)
         assert cli(["--policy", str(policy), "--prm", str(prm), "--output", str(out[where]), "--force"]) == 2
     assert _tree(tmp_path) == before
