@@ -17,7 +17,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from rsd_generation.decoding import _Sampling, _StepRules, decode_step, step_separator
+from rsd_generation.decoding import RowIds, _Sampling, _StepRules, decode_step, step_separator
 from rsd_generation.fast import MODES, row_cache
 
 from .io import write_json_atomic
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     def ours():
         cache = row_cache(model, "profile", 1, 0, args.mode, 128 + 2 * n + 64)
         cache.pending = prompts.tolist()
-        decode_step(cache, prompts, rows, budget, s, rules)  # prefill + n tokens
+        decode_step(cache, RowIds(prompts, 0), rows, budget, s, rules)  # prefill + n tokens
         torch.cuda.synchronize()
         return cache
 

@@ -35,7 +35,7 @@ from transformers import (
 
 import rsd_generation as rsd
 from rsd_generation import fast
-from rsd_generation.decoding import _Sampling, _StepRules, decode_step, step_separator
+from rsd_generation.decoding import RowIds, _Sampling, _StepRules, decode_step, step_separator
 from rsd_generation.fast import row_cache
 
 from .io import refuse_overwrite, write_json_atomic
@@ -102,7 +102,7 @@ def loop_alone(model, role: str, tok, prompts: torch.Tensor, n: int, mode: str, 
     tokens. Returns (seconds for the whole call, ms per one-token forward measured over the `n` tokens)."""
     B = prompts.shape[0]
     s, rules = _target_only_rules(tok, n)
-    rows, budget, ctx = torch.ones(B, dtype=torch.bool), torch.full((B,), 10**6), prompts.cpu()
+    rows, budget, ctx = torch.ones(B, dtype=torch.bool), torch.full((B,), 10**6), RowIds(prompts.cpu(), 0)
     cache = row_cache(model, role, B, 0, mode, capacity)
     cache.pending = prompts.tolist()
     _sync()

@@ -19,7 +19,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .fast import fast_mode, row_cache
-from .kv import RowCache, pad_left, pad_right
+from .kv import RowCache, pad_right
 from .rewards import RewardModel
 from .stats import RSDStats, Step
 from .weighting import Weighting, accept, needs_draw
@@ -144,6 +144,65 @@ def step_separator(tokenizer, separator: str) -> StepSeparator:
     return per_tokenizer[separator]
 
 
+class RowIds:
+    """Each row's ids as `generate` hands them to logits processors and stopping criteria: the batch's `(B, P)`
+    left-padded prompts followed by the row's new tokens, at the full batch size and in the original row order.
+
+    Rows whose new tokens differ in number go in separate calls (one per length), so processors that keep
+    per-row state (the repetition penalty's prompt padding) or count new tokens (`min_new_tokens`) see exactly
+    what they see for that row in `generate`; the other rows of such a call are filler and their output unused.
+
+    Args:
+        prompts (`torch.LongTensor` of shape `(B, P)`): the prompts, left-padded, as given to `generate`.
+        pad (`int`): the id of filler positions.
+    """
+
+    def __init__(self, prompts: torch.Tensor, pad: int):
+        self.prompts = prompts  # prompts: [B, P]
+        self.pad = pad
+        self.out: list[list[int]] = [[] for _ in range(len(prompts))]  # committed new tokens per original row
+
+    def groups(self, rows: torch.Tensor, selected: torch.Tensor, device: torch.device) -> list[tuple]:
+        """The selected cache rows grouped by committed length, each as (cache rows `(G,)`, original rows `(G,)`,
+        ids so far `(B, P + c)`), on `device`.
+
+        Args:
+            rows (`torch.LongTensor` of shape `(R,)`): the original row of each cache row.
+            selected (`torch.BoolTensor` of shape `(R,)`): the cache rows that write now.
+        """
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for j, (i, sel) in enumerate(zip(rows.tolist(), selected.tolist(), strict=True)):
+            if sel:
+                by_length.setdefault(len(self.out[i]), []).append((j, i))
+        B, P = self.prompts.shape
+        groups = []
+        for c, members in by_length.items():
+            js, orig = (torch.tensor(x) for x in zip(*members, strict=True))
+            ids = torch.full((B, P + c), self.pad, dtype=torch.long)  # ids: [B, P + c]
+            ids[:, :P] = self.prompts.cpu()
+            if c:
+                ids[orig, P:] = torch.tensor([self.out[i] for i in orig.tolist()], dtype=torch.long)
+            groups.append((js.to(device), orig.to(device), ids.to(device)))
+        return groups
+
+
+def _per_row(fn, groups, step: torch.Tensor, scores: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Call a processor or criterion list `fn(ids (B, L), scores (B, V))` once per group of `RowIds.groups`, and
+    write each group's rows of the result into `out` (`(R, V)` or `(R,)`, indexed by cache row)."""
+    B = groups[0][2].shape[0]
+    for js, orig, ids in groups:
+        if len(js) == B == len(step) and bool((js == orig).all()):  # the whole batch, in order: no scatter
+            full_step, full_scores = step, scores
+        else:
+            full_step = step.new_zeros(B, step.shape[1])  # full_step: [B, t], filler outside the group
+            full_step[orig] = step[js]
+            full_scores = scores.new_zeros(B, scores.shape[1])  # full_scores: [B, V]
+            full_scores[orig] = scores[js]
+        res = fn(torch.cat([ids, full_step], 1), full_scores)
+        out[js] = res.to(out.device)[orig]
+    return out
+
+
 def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
     """Greedy or multinomial choice, as `GenerationMixin._sample` does it: `(R, V)` -> `(R,)`."""
     if not s.do_sample:
@@ -153,7 +212,7 @@ def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
 
 
 def decode_step(
-    cache: RowCache, ctx: torch.Tensor, rows: torch.Tensor, budget: torch.Tensor, s: _Sampling, rules: _StepRules
+    cache: RowCache, ctx: RowIds, rows: torch.Tensor, budget: torch.Tensor, s: _Sampling, rules: _StepRules
 ) -> tuple[list[list[int]], int, torch.Tensor]:
     """Let one policy write one step for the selected rows (others only carry masked padding).
 
@@ -162,8 +221,7 @@ def decode_step(
 
     Args:
         cache (`RowCache`): the policy's cache.
-        ctx (`torch.LongTensor` of shape `(R, T)`): the committed sequences, left-padded, for logits processors
-            and stopping criteria.
+        ctx (`RowIds`): the prompts and committed tokens, for logits processors and stopping criteria.
         rows (`torch.BoolTensor` of shape `(R,)`): rows that write a step.
         budget (`torch.LongTensor` of shape `(R,)`): new tokens each row may still generate (>= 1 where selected).
     Returns:
@@ -171,25 +229,26 @@ def decode_step(
         and `(R,)` bools: the step ended by a user stopping criterion.
     """
     dev = cache.device
-    rows, budget, ctx, eos = rows.to(dev), budget.to(dev), ctx.to(dev), s.eos.to(dev)
+    rows, budget, eos = rows.to(dev), budget.to(dev), s.eos.to(dev)
+    groups = ctx.groups(cache.rows, rows, dev) if len(s.processors) or len(rules.user) else []
     ahead = getattr(cache, "run_ahead", False)  # queue each forward before the host learns whether it is needed
     going_on = HostFlag(dev)
     logits = cache.feed_pending(rows)  # logits: [R, V]
     start = cache.length
     alive, user_stop = rows.clone(), torch.zeros_like(rows)  # alive, user_stop: [R]
     n = torch.zeros_like(budget)  # n: [R], tokens written this step
-    step = ctx[:, :0]  # step: [R, t], tokens written so far
+    step = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)  # step: [R, t], tokens written so far
     while True:
         scores = logits[:, : s.vocab]  # scores: [R, V]
         if len(s.processors):
-            scores = s.processors(torch.cat([ctx, step], 1), scores)
+            scores = _per_row(s.processors, groups, step, scores, scores.clone())
         tok = torch.where(alive, _pick(scores, s), s.pad)  # tok: [R]
         step = torch.cat([step, tok[:, None]], 1)
         n += alive.long()
         ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
         ended |= rules.separator(step, scores, sync=not ahead)
         if len(rules.user):
-            hit = rules.user(torch.cat([ctx, step], 1), scores).to(dev)
+            hit = _per_row(rules.user, groups, step, scores, torch.zeros_like(alive))
             user_stop |= alive & hit
             ended |= hit
         alive &= ~ended
@@ -205,6 +264,15 @@ def decode_step(
         if sel:
             cache.pending[i] = steps[i][-1:]
     return steps, start, user_stop.cpu()
+
+
+def _token_ids(ids) -> list[int]:
+    """A generation config's token id field (None, an int, a list or a tensor) as a list of ints."""
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return ids.reshape(-1).tolist()
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
 
 
 def _vocab_size(model: PreTrainedModel) -> int:
@@ -242,10 +310,9 @@ def rsd_decode(
     _check_config(generation_config, attention_mask, B, o)
     prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
     max_new = generation_config.max_length - P
-    eos = generation_config._eos_token_tensor
-    eos = torch.empty(0, dtype=torch.long) if eos is None else eos.reshape(-1).cpu()
-    pad = generation_config._pad_token_tensor
-    pad = int(pad.reshape(-1)[0]) if pad is not None else (int(eos[0]) if len(eos) else 0)
+    eos = torch.tensor(_token_ids(generation_config.eos_token_id), dtype=torch.long)  # eos: [E]
+    pad_ids = _token_ids(generation_config.pad_token_id)
+    pad = pad_ids[0] if pad_ids else (int(eos[0]) if len(eos) else 0)  # generate's choice: the first EOS
     s = _Sampling(
         logits_processor,
         generation_config.do_sample,
@@ -264,20 +331,21 @@ def rsd_decode(
     if o.streamer is not None:
         o.streamer.put(input_ids.cpu())
 
-    capacity = P + max_new + o.max_step_tokens + 64  # static caches: every valid column fits, and one step's slack
+    # static caches: every committed column, plus one step in flight (a row's step never exceeds its budget)
+    capacity = P + max_new + min(o.max_step_tokens, max_new) + 64
     m = row_cache(draft, "draft", B, pad, fast_mode(o.fast_path, draft), capacity)
     M = row_cache(target, "target", B, pad, fast_mode(o.fast_path, target), capacity)
     m.pending, M.pending = [list(p) for p in prompts], [list(p) for p in prompts]
     prm.start(problems, fast_path=fast_mode(o.fast_path, prm.backbone), capacity=2 * max_new + 64)
     stats = RSDStats(steps=[[] for _ in range(B)])
-    out: list[list[int]] = [[] for _ in range(B)]  # committed new tokens per original row
+    ctx = RowIds(input_ids.cpu(), pad)  # z_i per row, as processors and stopping criteria take it
+    out = ctx.out  # committed new tokens per original row
     rows = torch.arange(B)  # rows: [R], original index of each active row
 
     while len(rows):
         R = len(rows)
         for c in (m, M, prm.state):  # step boundary: no provisional columns are pending a decision
             c.compact()
-        ctx = pad_left([prompts[i] + out[i] for i in rows.tolist()], pad)  # z_i per row: [R, T]
         budget = torch.tensor([max_new - len(out[i]) for i in rows.tolist()])  # budget: [R]
         everyone = torch.ones(R, dtype=torch.bool)
 

@@ -157,16 +157,6 @@ def pad_right(chunks: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     return ids, valid
 
 
-def pad_left(seqs: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
-    """Left-pad token lists into one `(R, longest)` tensor (right-aligned, as generate's input_ids are)."""
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # out: [R, T]
-    for i, s in enumerate(seqs):
-        if len(s):
-            out[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-    return out
-
-
 def causal_lm_forward(model) -> Forward:
     """A `RowCache` forward for a causal LM: float32 logits at each row's last valid token, `(R, V)`."""
 

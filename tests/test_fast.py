@@ -117,6 +117,18 @@ def test_static_caches_are_reused_across_calls_and_per_role(qwen_pair, prm, tok)
     assert torch.equal(same.sequences, expected)
 
 
+def test_static_caches_are_sized_by_what_can_be_needed(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    release_fast_caches()
+    kw = dict(rsd_threshold=0.5, max_new_tokens=24)
+    huge = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path="static", rsd_max_step_tokens=4_000_000, **kw)
+    for m in (draft, target):  # prompt + 24 new + one step of at most 24, rounded up to 256 columns
+        assert fast._CACHES[m.base_model]["draft" if m is draft else "target"].kv.capacity == 256
+    plain = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path="off", rsd_max_step_tokens=4_000_000, **kw)
+    _same(huge, plain)
+    release_fast_caches()
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [("fast", "rsd_fast_path must be one of"), (3, "got 3")],

@@ -2,7 +2,7 @@
 
 import torch
 
-from rsd_generation.kv import RowCache, causal_lm_forward, pad_left, pad_right
+from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
 from rsd_generation.testing import make_lm
 
 
@@ -32,7 +32,6 @@ def test_compaction_drops_masked_columns_without_changing_outputs(tok):
 def test_pad_helpers():
     ids, valid = pad_right([[1, 2], [], [3]], 0)
     assert ids.tolist() == [[1, 2], [0, 0], [3, 0]] and valid.sum(1).tolist() == [2, 0, 1]
-    assert pad_left([[1, 2], [3]], 9).tolist() == [[1, 2], [9, 3]]
 
 
 def test_rows_left_with_no_valid_column_can_shrink_and_be_fed_again(tok):

@@ -112,3 +112,69 @@ def test_limits_hold_with_every_reward_model_kind(qwen_pair, any_prm, tok):
                     assert s["reward"] == pytest.approx(fresh, abs=1e-4)
                 if s["accepted"]:
                     committed.append(s["text"])
+
+
+def _greedy_new(model, tok) -> torch.Tensor:
+    """The model's greedy new tokens on PROMPTS: `(3, 16)`."""
+    return model.generate(**encode(tok, PROMPTS), max_new_tokens=16, do_sample=False)[:, -16:]
+
+
+PROCESSORS = {  # "early": row 0's 3rd greedy token, as EOS; "frequent": the model's most frequent greedy token
+    "repetition_penalty": {"repetition_penalty": 1.2},
+    "min_new_tokens": {"min_new_tokens": 9, "eos_token_id": "early"},
+    "no_repeat_ngram": {"no_repeat_ngram_size": 2},
+    "bad_words": {"bad_words_ids": "frequent"},
+    "all": {"repetition_penalty": 1.3, "min_new_tokens": 7, "eos_token_id": "early", "no_repeat_ngram_size": 3},
+}
+
+
+def _processor_kwargs(name: str, model, tok) -> dict:
+    """`PROCESSORS[name]` with its placeholders replaced by tokens of the model's greedy output."""
+    new = _greedy_new(model, tok)
+    kw = dict(PROCESSORS[name])
+    if kw.get("eos_token_id") == "early":
+        kw["eos_token_id"] = int(new[0, 2])
+    if kw.get("bad_words_ids") == "frequent":
+        kw["bad_words_ids"] = [[int(torch.mode(new.flatten()).values)]]
+    return kw
+
+
+def _separator(qwen_pair, tok) -> str:
+    """A step separator both models write now and then, so that steps (and rows) differ in length."""
+    new = torch.cat([_greedy_new(m, tok).flatten() for m in qwen_pair])
+    return tok.decode([int(torch.mode(new).values)])
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSORS))
+def test_limits_hold_with_logits_processors(qwen_pair, prm, tok, name):
+    """Every step rejected (accepted) gives the target's (draft's) own `generate` with the same processors, in a
+    left-padded batch whose rows end at different lengths: processors see the ids generate gives them."""
+    target, draft = qwen_pair
+    for delta, reference in ((1.5, target), (0.0, draft)):
+        kw = _processor_kwargs(name, reference, tok)
+        sep = _separator(qwen_pair, tok)
+        out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta, max_new_tokens=24,
+                           rsd_step_separator=sep, **kw)  # fmt: skip
+        expected = reference.generate(**encode(tok, PROMPTS), max_new_tokens=24, do_sample=False, **kw)
+        without = {k: v for k, v in kw.items() if k == "eos_token_id"}
+        assert not torch.equal(expected, reference.generate(**encode(tok, PROMPTS), max_new_tokens=24, **without))
+        assert out.sequences.tolist() == expected[:, : out.sequences.shape[1]].tolist()
+        assert set(expected[:, out.sequences.shape[1] :].flatten().tolist()) <= {tok.pad_token_id}
+
+
+@pytest.mark.parametrize("name", sorted(PROCESSORS))
+def test_batch_gives_what_each_row_gives_alone_with_logits_processors(qwen_pair, prm, tok, name):
+    target, draft = qwen_pair
+    kw = {**_processor_kwargs(name, target, tok), "rsd_step_separator": _separator(qwen_pair, tok)}
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    batch = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta, max_new_tokens=32, **kw)
+    lengths = {len([t for t in row if t != tok.pad_token_id]) for row in batch.sequences.tolist()}
+    decisions = [s["accepted"] for row in batch.rsd_stats["steps"] for s in row if s["source"] == "draft"]
+    assert any(decisions) and not all(decisions), "the threshold must mix accepted and rejected steps"
+    for i, prompt in enumerate(PROMPTS):
+        alone = rsd_generate(target, draft, prm, tok, [prompt], rsd_threshold=delta, max_new_tokens=32, **kw)
+        row = batch.sequences[i].tolist()
+        row = row[next(k for k, t in enumerate(row) if t != tok.pad_token_id) :]  # drop the left padding
+        n = alone.sequences.shape[1]
+        assert row[:n] == alone.sequences[0].tolist(), f"row {i} of {len(lengths)} distinct lengths"
+        assert set(row[n:]) <= {tok.pad_token_id}
