@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 
@@ -34,8 +37,10 @@ class RecordStore:
     """Per-question results as JSON lines, appended and flushed to disk as they come, so a crash loses nothing.
 
     Lines are keyed by (`setting`, `id`). Opening an existing file without `resume` is refused unless `force`
-    (which starts it afresh); with `resume`, finished keys are loaded and a torn last line (a crash mid-write) is
-    cut off.
+    (which starts it afresh). With `resume` every valid record is loaded; lines that are not (undecodable JSON, not
+    an object, no string `setting` / `id`, a repeated key, a torn last line without its newline from a crash
+    mid-write) are moved to a new `records.jsonl.bad-<time>` beside the file, which is rewritten atomically with the
+    valid lines only, and a warning says how many were set aside and where.
     """
 
     def __init__(self, path: str | os.PathLike, resume: bool = False, force: bool = False):
@@ -53,21 +58,38 @@ class RecordStore:
         self.done = {(r["setting"], r["id"]) for r in self.records}
 
     def _load(self) -> None:
-        """Read complete lines; cut a torn last line off the file."""
-        good = 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if not line.endswith(b"\n"):
-                    break
+        """Read every valid record; set the other lines aside (see the class docstring)."""
+        keep: list[bytes] = []
+        bad: list[tuple[int, str, bytes]] = []  # (line number, why, the line as read)
+        seen: set[tuple[str, str]] = set()
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        for lineno, line in enumerate(lines, start=1):
+            rec, why = _parse_record(line)
+            if why is None and (rec["setting"], rec["id"]) in seen:
+                why = f"repeats setting {rec['setting']!r} id {rec['id']!r} (the first is kept)"
+            if why is None:
+                seen.add((rec["setting"], rec["id"]))
                 self.records.append(rec)
-                good += len(line)
-        if good != self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
+                keep.append(line)
+            elif why != "blank":
+                bad.append((lineno, why, line))
+        if not bad and len(keep) == len(lines):
+            return
+        aside = None
+        if bad:
+            aside = _create_new(self.path.with_name(f"{self.path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}"))
+            with open(aside, "wb") as f:
+                f.writelines(line if line.endswith(b"\n") else line + b"\n" for _, _, line in bad)
+                f.flush()
+                os.fsync(f.fileno())
+        _write_bytes_atomic(self.path, b"".join(keep))
+        if bad:
+            shown = "; ".join(f"line {n}: {why}" for n, why, _ in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            warnings.warn(
+                f"{self.path}: set aside {len(bad)} bad line(s) in {aside} ({shown}); kept {len(keep)} valid "
+                "record(s); the questions of the bad lines will be run again",
+                stacklevel=3,
+            )
 
     def add(self, records: list[dict]) -> None:
         """Append records and force them to disk."""
@@ -78,3 +100,55 @@ class RecordStore:
             os.fsync(f.fileno())
         self.records += records
         self.done |= {(r["setting"], r["id"]) for r in records}
+
+
+def _parse_record(line: bytes) -> tuple[dict | None, str | None]:
+    """One line of records.jsonl as (record, None), or (None, why it is not a record); why is "blank" for an empty
+    line."""
+    if not line.strip():
+        return None, "blank"
+    if not line.endswith(b"\n"):
+        return None, "torn last line (no newline: a crash mid-write)"
+    try:
+        rec = json.loads(line)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"not valid JSON ({e.__class__.__name__})"
+    if not isinstance(rec, dict):
+        return None, f"a JSON {type(rec).__name__}, not an object"
+    missing = [k for k in ("setting", "id") if not isinstance(rec.get(k), str)]
+    if missing:
+        return None, f"no string {' or '.join(repr(k) for k in missing)}"
+    return rec, None
+
+
+def _create_new(path: Path) -> Path:
+    """Create `path` empty, or `path-1`, `path-2`, ... when taken (never an existing file); returns the one made."""
+    for k in range(10_000):
+        candidate = path if k == 0 else path.with_name(f"{path.name}-{k}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free name like {path}")
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by `data`: a temp file beside it, fsynced, renamed over it, and the folder fsynced."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if path.exists():
+            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))  # mkstemp's 0600 would replace the file's own mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 from rsd_generation.benchmarks import cli, methods
+from rsd_generation.benchmarks import io as bench_io
 from rsd_generation.benchmarks.io import RecordStore
 from rsd_generation.benchmarks.methods import costs, plain_positions, split
 from rsd_generation.benchmarks.report import markdown, summarize
@@ -60,20 +61,69 @@ def test_split_keeps_separators_and_drops_empty_steps():
     assert split("", "\n\n") == []
 
 
-def test_record_store_cuts_a_torn_line_and_refuses_to_overwrite(tmp_path):
+def test_record_store_refuses_to_overwrite_without_resume_or_force(tmp_path):
     path = tmp_path / "records.jsonl"
-    store = RecordStore(path)
-    store.add([{"setting": "s", "id": "1"}, {"setting": "s", "id": "2"}])
-    with open(path, "a") as f:
-        f.write('{"setting": "s", "id": "3", "resp')  # a crash mid-write
+    RecordStore(path).add([{"setting": "s", "id": "1"}])
     with pytest.raises(SystemExit, match="--resume"):
         RecordStore(path)
-    resumed = RecordStore(path, resume=True)
-    assert resumed.done == {("s", "1"), ("s", "2")}
-    resumed.add([{"setting": "s", "id": "3"}])
-    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["1", "2", "3"]
+    assert RecordStore(path, resume=True).done == {("s", "1")}
     RecordStore(path, force=True)
     assert not path.exists()
+
+
+def _line(setting, id_, **kw):
+    return json.dumps({"setting": setting, "id": id_, **kw}) + "\n"
+
+
+def test_resume_sets_bad_lines_aside_and_keeps_every_valid_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_io.time, "strftime", lambda fmt: "T")
+    path = tmp_path / "records.jsonl"
+    good = [_line("s", "1"), _line("s", "2", x=2), _line("t", "1"), _line("s", "3")]
+    bad = [
+        '{"setting": "s", "id": "9", "resp\n',  # a corrupted line in the middle
+        "[1, 2]\n",  # not an object
+        _line("s", None),  # no string id
+        json.dumps({"id": "4"}) + "\n",  # no setting
+        _line("s", "1", x="again"),  # a repeated key: the first is kept
+    ]
+    torn = '{"setting": "s", "id": "5", "response": "The ans'  # a crash mid-write
+    body = good[0] + bad[0] + good[1] + bad[1] + bad[2] + "\n" + bad[3] + good[2] + bad[4]
+    path.write_bytes(body.encode() + b"\xff\xfe\n" + good[3].encode() + torn.encode())  # and undecodable bytes
+    with pytest.warns(UserWarning, match=r"set aside 7 bad line\(s\) in .*records\.jsonl\.bad-T .*kept 4 valid") as w:
+        store = RecordStore(path, resume=True)
+    assert str(tmp_path / "records.jsonl.bad-T") in str(w[0].message)
+    assert store.done == {("s", "1"), ("s", "2"), ("t", "1"), ("s", "3")}
+    assert [r.get("x") for r in store.records] == [None, 2, None, None]
+    assert path.read_text() == "".join(good)  # every valid line kept, in order, and nothing else
+    aside = (tmp_path / "records.jsonl.bad-T").read_bytes().splitlines()
+    assert len(aside) == 7 and aside[-1] == torn.encode() and aside[0] == bad[0].rstrip("\n").encode()
+    assert b"\xff\xfe" in aside and _line("s", "1", x="again").rstrip("\n").encode() in aside
+    store.add([{"setting": "s", "id": "5"}])  # the torn question runs again and lands on a line of its own
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["1", "2", "1", "3", "5"]
+    # a second bad load never overwrites the first set-aside file
+    with open(path, "a") as f:
+        f.write("garbage\n" + _line("s", "6"))
+    with pytest.warns(UserWarning, match=r"set aside 1 bad line\(s\) in .*records\.jsonl\.bad-T-1 "):
+        assert ("s", "6") in RecordStore(path, resume=True).done
+    assert len((tmp_path / "records.jsonl.bad-T").read_bytes().splitlines()) == 7
+    assert (tmp_path / "records.jsonl.bad-T-1").read_text() == "garbage\n"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["records.jsonl", "records.jsonl.bad-T", "records.jsonl.bad-T-1"]
+
+
+def test_resume_after_a_torn_last_line_sets_it_aside(tmp_path, recwarn):
+    path = tmp_path / "records.jsonl"
+    RecordStore(path).add([{"setting": "s", "id": "1"}, {"setting": "s", "id": "2"}])
+    with open(path, "a") as f:
+        f.write('{"setting": "s", "id": "3", "resp')
+    resumed = RecordStore(path, resume=True)
+    assert resumed.done == {("s", "1"), ("s", "2")}
+    (aside,) = tmp_path.glob("records.jsonl.bad-*")
+    assert aside.read_text() == '{"setting": "s", "id": "3", "resp\n'
+    assert "set aside 1 bad line(s)" in str(recwarn.pop(UserWarning).message)
+    clean = path.read_bytes()
+    assert RecordStore(path, resume=True).done == resumed.done  # a clean file is left as it is, no warning
+    assert path.read_bytes() == clean and len(list(tmp_path.glob("records.jsonl.bad-*"))) == 1
 
 
 def test_cli_runs_every_method_on_the_toy_models(tmp_path):
