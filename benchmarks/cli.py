@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import rsd_generation as rsd
 
 from . import datasets
-from .io import RecordStore, write_json_atomic
+from .io import RecordStore, output_lock, write_json_atomic
 from .methods import METHODS, Batch, Models, Setting, seed_for, split
 from .report import markdown, plot, summarize
 from .toy.task import SEPARATOR
@@ -369,7 +369,10 @@ def report_only(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    rows = report_only(args) if args.report_only else run(args)
+    if args.report_only and not (args.output / "records.jsonl").is_file():
+        raise SystemExit(f"error: no records in {args.output / 'records.jsonl'}")
+    with output_lock(args.output):  # one run per output folder: two would write every record twice
+        rows = report_only(args) if args.report_only else run(args)
     print(markdown(rows))
     print(f"results in {args.output}/ (records.jsonl, summary.json, table.md, plots/)")
     return rows

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import stat
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -25,6 +28,38 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+LOCK_NAME = ".rsd-bench.lock"
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on `directory` (an flock on `directory/.rsd-bench.lock`, created if needed) while the
+    block runs; a second holder is refused at once with a SystemExit naming the directory.
+
+    The lock file stays in place afterwards (deleting it while another process waits on it would let two runs hold
+    "the" lock on different files); the lock itself ends with the process that holds it, even after a crash.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            raise SystemExit(
+                f"error: {directory} is in use by another rsd-bench run"
+                f"{f' (process {holder})' if holder else ''}: it holds the lock {path}; wait for it to finish or "
+                "choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def refuse_overwrite(path: str | os.PathLike, force: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,10 +17,20 @@ def _mean(xs: list[float]) -> float | None:
 def summarize(records: list[dict], order: list[str] | None = None) -> list[dict]:
     """One row per setting: accuracy (overall and per level), mean FLOPs per question in both accountings (per model,
     total, and as a ratio to the `target` row over the same questions), wall-clock, tokens/s, acceptance rate and
-    the share of questions the draft solved alone."""
+    the share of questions the draft solved alone. A (setting, id) recorded twice counts once (the first record),
+    with a warning."""
     by: dict[str, list[dict]] = defaultdict(list)
+    seen: set[tuple[str, str]] = set()
     for r in records:
-        by[r["setting"]].append(r)
+        if (r["setting"], r["id"]) not in seen:
+            seen.add((r["setting"], r["id"]))
+            by[r["setting"]].append(r)
+    if len(seen) < len(records):
+        warnings.warn(
+            f"{len(records) - len(seen)} duplicate record(s) of a (setting, id) already recorded: each question is "
+            "counted once per setting (its first record)",
+            stacklevel=2,
+        )
     target = {r["id"]: r for r in by.get("target|target", [])}
     rows = []
     for key in order or list(by):

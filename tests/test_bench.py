@@ -1,6 +1,9 @@
 """The benchmark CLI: FLOPs accounting on hand-computed cases, summaries, resume after an interruption, bad input."""
 
+import fcntl
 import json
+import subprocess
+import sys
 
 import pytest
 from rsd_generation.benchmarks import cli, methods
@@ -225,3 +228,66 @@ def test_report_only_rebuilds_the_summary_from_concatenated_records(tmp_path):
     assert [r["setting"] for r in rows] == ["target", "draft"]
     assert rows[1]["flops_vs_target"] < 0.2  # the ratio spans records from both runs
     assert json.loads((merged / "summary.json").read_text())["rows"] == rows
+
+
+def _records_file(out, *records) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("mode", [["--report-only"], ["--methods", "target"]])
+def test_a_second_run_on_a_locked_output_is_refused_at_once(tmp_path, monkeypatch, mode):
+    out = tmp_path / "out"
+    _records_file(out, _rec("target|target", "a", 1, True, {"target": 1}, {"target": 1}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(cli, "load_models", lambda args: pytest.fail("a refused run loaded models"))
+    monkeypatch.setattr(sys, "argv", ["rsd-bench", *QUICK, *mode, "--output", str(out)])
+    with open(out / bench_io.LOCK_NAME, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds the folder
+        with pytest.raises(SystemExit) as e:
+            cli.entry()
+    assert e.value.code == f"error: {out} is in use by another rsd-bench run: it holds the lock {held.name}; " + (
+        "wait for it to finish or choose another --output"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != bench_io.LOCK_NAME} == before
+    rows = cli.main(["--report-only", "--methods", "target", "--output", str(out), "--no-plots"])  # released: runs
+    assert [r["n"] for r in rows] == [1] and (out / bench_io.LOCK_NAME).exists()
+
+
+def test_refused_run_exits_non_zero_without_a_traceback(tmp_path):
+    out = tmp_path / "out"
+    _records_file(out, _rec("target|target", "a", 1, True, {"target": 1}, {"target": 1}))
+    with open(out / bench_io.LOCK_NAME, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        cmd = [sys.executable, "-m", "rsd_generation.benchmarks", "--report-only", "--output", str(out), "--no-plots"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert f"error: {out} is in use by another rsd-bench run" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_output_lock_is_held_while_the_summaries_are_written(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _records_file(out, _rec("target|target", "a", 1, True, {"target": 1}, {"target": 1}))
+    held = []
+    real = cli._write_summary
+
+    def try_the_lock(*a):
+        with open(out / bench_io.LOCK_NAME) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(True)
+        return real(*a)
+
+    monkeypatch.setattr(cli, "_write_summary", try_the_lock)
+    cli.main(["--report-only", "--methods", "target", "--output", str(out), "--no-plots"])
+    assert held == [True]
+
+
+def test_summary_counts_a_duplicated_record_once():
+    a = _rec("target|target", "a", 1, True, {"target": 1000}, {"target": 400})
+    b = _rec("target|target", "b", 2, False, {"target": 3000}, {"target": 600})
+    again = {**a, "correct": False}  # e.g. two runs on one output folder, or records concatenated twice
+    with pytest.warns(UserWarning, match="^2 duplicate record"):
+        (row,) = summarize([a, b, again, b])
+    assert row["n"] == 2 and row["accuracy"] == 0.5 and row["flops"] == 2000 and row["wall_s"] == 1.0
