@@ -179,16 +179,28 @@ def build_settings(args: argparse.Namespace) -> list[Setting]:
     return out
 
 
-def _dtype(name: str, device_map: str) -> torch.dtype:
+def _device_kind(device_map: str | None) -> str:
+    """The kind of device the models run on ("cpu", "cuda", ...); accelerate's layouts ("auto", ...) place them on
+    the GPUs when there are any."""
+    if device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return torch.device(device_map).type
+    except RuntimeError:  # not a device name: kept as given
+        return device_map
+
+
+def _dtype(name: str, device_kind: str) -> torch.dtype:
+    """`--dtype` resolved: auto is float32 on a CPU, bfloat16 elsewhere."""
     if name == "auto":
-        return torch.float32 if device_map == "cpu" else torch.bfloat16
+        return torch.float32 if device_kind == "cpu" else torch.bfloat16
     return getattr(torch, name)
 
 
 def load_models(args: argparse.Namespace) -> Models:
     """Policies, tokenizer and reward models from paths or hub ids; merged checkpoints when asked for."""
     device_map = args.device_map or ("cuda" if torch.cuda.is_available() else "cpu")
-    kw = {"dtype": _dtype(args.dtype, device_map), "device_map": device_map}
+    kw = {"dtype": _dtype(args.dtype, _device_kind(args.device_map)), "device_map": device_map}
     tok = AutoTokenizer.from_pretrained(args.target)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -240,13 +252,15 @@ def _sync() -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     """Run every setting over every example (skipping finished ones), saving as it goes; returns the summary."""
     out: Path = args.output
-    store = RecordStore(out / "records.jsonl", resume=args.resume, force=args.force)
     config = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in vars(args).items()
         if k not in ("resume", "force", "preset", "output", "no_plots")
     }
-    _check_resume(out / "run.json", config, args.resume)
+    config["device"] = _device_kind(args.device_map)
+    config["torch_dtype"] = str(_dtype(args.dtype, config["device"])).removeprefix("torch.")
+    _check_resume(out / "run.json", config, args.resume)  # before anything in OUTPUT is touched
+    store = RecordStore(out / "records.jsonl", resume=args.resume, force=args.force)
     write_json_atomic(out / "run.json", config)
     examples = load_examples(args)
     models = load_models(args)
@@ -298,15 +312,43 @@ def _record(example, setting: Setting, res: dict, wall: float) -> dict:
     }
 
 
+# Options that may differ when a run is resumed. A record is keyed by (setting, id) and a setting's key names every
+# parameter of its row (method, weighting, δ, RSD's PRM name, N, beam width and expansion), so asking for more, fewer
+# or other settings mixes nothing: finished ones are skipped, new ones run. Every other option can change what a
+# record holds (the data, the models, their dtype and device kind, decoding, seeds; the batch size too: a sampled
+# batch draws from one seeded stream and padding can change greedy numerics), so it must be as the run began.
+RESUME_MAY_CHANGE = frozenset(
+    {"output", "resume", "force", "no_plots", "report_only", "preset"}
+    | {"methods", "deltas", "weightings", "rsd_prms", "n", "beams", "beam_expand"}
+)
+# compared as resolved, not as spelled (`--dtype auto` and `float32` on a CPU are the same run): resolved key -> option
+RESOLVED = {"device": "device_map", "torch_dtype": "dtype"}
+
+
 def _check_resume(path: Path, config: dict, resume: bool) -> None:
-    """A resumed run must use the settings it started with (other records would be mixed in)."""
+    """A resumed run must use the options it started with (see `RESUME_MAY_CHANGE`); SystemExit naming each option
+    that differs, with its old and new value."""
     if not resume or not path.exists():
         return
     old = json.loads(path.read_text())
-    keys = ("dataset", "seed", "num_problems", "levels", "draft", "target", "prm", "max_new_tokens", "max_step_tokens")
-    diff = {k: (old.get(k), config.get(k)) for k in keys if old.get(k) != config.get(k)}
+    new = json.loads(json.dumps(config))  # as run.json will hold it (tuples as lists, paths as text)
+    free = set(RESUME_MAY_CHANGE)
+    for resolved, option in RESOLVED.items():
+        free.add(option if resolved in old else resolved)  # a run.json of an older rsd-bench has no resolved keys
+    diff = [k for k in sorted(old.keys() | new.keys()) if k not in free and old.get(k) != new.get(k)]
     if diff:
-        raise SystemExit(f"error: --resume with settings that differ from the run in {path}: {diff} (was, now)")
+        lines = [f"  {_option_name(k)}: was {old.get(k)!r}, now {new.get(k)!r}" for k in diff]
+        raise SystemExit(
+            f"error: --resume with options that differ from the run in {path}:\n" + "\n".join(lines) + "\n"
+            "rerun with that run's options, or use another --output (or --force to discard its results)"
+        )
+
+
+def _option_name(key: str) -> str:
+    """The command-line spelling of a run.json key."""
+    if key in RESOLVED:
+        return f"--{RESOLVED[key].replace('_', '-')} (as resolved: {key})"
+    return f"--{key.replace('_', '-')}"
 
 
 def _device_name() -> str:

@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import shutil
 import subprocess
 import sys
 
@@ -291,3 +292,42 @@ def test_summary_counts_a_duplicated_record_once():
     with pytest.warns(UserWarning, match="^2 duplicate record"):
         (row,) = summarize([a, b, again, b])
     assert row["n"] == 2 and row["accuracy"] == 0.5 and row["flops"] == 2000 and row["wall_s"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run of target-only on one question: (its output folder, its options less --output)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    args = [*QUICK, "--num-problems", "1", "--methods", "target"]
+    cli.main([*args, "--output", str(out)])
+    return out, args
+
+
+@pytest.mark.parametrize(
+    "change, lines",
+    [
+        (["--temperature", "0.5"], ["--temperature: was 0.7, now 0.5"]),
+        (["--do-sample"], ["--do-sample: was False, now True"]),
+        (["--dtype", "bfloat16"], ["--dtype (as resolved: torch_dtype): was 'float32', now 'bfloat16'"]),
+        (["--batch-size", "1", "--seed", "3"], ["--batch-size: was 2, now 1", "--seed: was 0, now 3"]),
+    ],
+)
+def test_resume_refuses_every_option_that_changes_records(finished_run, tmp_path, change, lines):
+    out = shutil.copytree(finished_run[0], tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        cli.main([*finished_run[1], "--output", str(out), "--resume", *change])
+    message = str(e.value.code)
+    assert f"differ from the run in {out / 'run.json'}" in message
+    assert [x.strip() for x in message.splitlines()[1:-1]] == lines  # each differing option, old and new, no other
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+
+def test_resume_may_add_settings_and_spell_the_same_dtype_differently(finished_run, tmp_path, monkeypatch):
+    out = shutil.copytree(finished_run[0], tmp_path / "run")
+    ran = []
+    wrapped = {k: lambda m, s, b, f=f: ran.append(s.key) or f(m, s, b) for k, f in cli.METHODS.items()}
+    monkeypatch.setattr(cli, "METHODS", wrapped)
+    argv = [*finished_run[1], "--output", str(out), "--resume", "--methods", "target", "draft", "--dtype", "float32"]
+    rows = cli.main(argv)  # --dtype auto was float32 on this CPU: the same run
+    assert [r["setting"] for r in rows] == ["target", "draft"] and ran == ["draft|draft"]
