@@ -440,12 +440,16 @@ def _check_config(generation_config: GenerationConfig, attention_mask: torch.Ten
             f"RSD returns one sequence per prompt; num_return_sequences must be 1, got "
             f"{generation_config.num_return_sequences} (repeat the prompts instead)"
         )
+    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist() if attention_mask.numel() else list(range(B))
+    if empty:
+        raise ValueError(
+            f"every prompt needs at least one token; row(s) {empty} of {B} are empty (no input_ids, or an "
+            "attention_mask of all 0)"
+        )
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError(
             "RSD needs left padding, but the attention_mask ends in 0 (right padding); set padding_side='left'"
         )
-    if bool((attention_mask.sum(1) == 0).any()):
-        raise ValueError("every prompt needs at least one token; a row of the attention_mask is all 0")
     if o.reward_prompts is not None and len(o.reward_prompts) != B:
         raise ValueError(f"reward_prompts must give one problem per row: got {len(o.reward_prompts)} for {B} rows")
     if o.streamer is not None and B > 1:

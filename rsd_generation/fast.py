@@ -327,6 +327,14 @@ def fast_mode(mode: str | bool | None, model: nn.Module) -> str:
         return "graphs" if on_cuda and why is None else "off"
     if mode != "off" and why is not None:
         raise ValueError(f"rsd_fast_path={mode!r} cannot serve this model: {why}; use rsd_fast_path='off'")
+    device = model.get_input_embeddings().weight.device
+    if mode in ("graphs", "compile") and device.type != "cuda":
+        warnings.warn(
+            f"rsd_fast_path={mode!r} needs a CUDA device, but {type(model).__name__} is on {device}: running "
+            "'static' (fixed-shape caches, eager forwards) instead",
+            stacklevel=3,
+        )
+        return "static"
     return mode
 
 

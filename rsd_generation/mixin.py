@@ -66,6 +66,12 @@ class RSDGenerationMixin(GenerationMixin):
             return super().generate(inputs, generation_config, **kwargs)
         draft = kwargs.pop("assistant_model", None)
         options = _rsd_options(self, draft, reward_model, kwargs, rsd)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] == 0:
+            raise ValueError(
+                f"every prompt needs at least one token; row(s) {list(range(len(ids)))} of {len(ids)} are empty "
+                f"(input_ids of shape {tuple(ids.shape)})"
+            )
         generation_config = _take_stop_strings(generation_config, kwargs, options.tokenizer)
         loop = functools.partial(rsd_decode, options=options)
         return super().generate(inputs, generation_config, custom_generate=loop, **kwargs)
@@ -92,6 +98,11 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         raise ValueError(
             f"reward_model must be a RewardModel from rsd.load_reward_model(...), got {type(reward_model).__name__}"
         )
+    if not isinstance(draft, PreTrainedModel) or draft.get_output_embeddings() is None:
+        raise ValueError(
+            f"assistant_model must be a causal LM with an output head (AutoModelForCausalLM), got "
+            f"{type(draft).__name__}; a reward model's backbone cannot draft: load the checkpoint as a causal LM"
+        )
     tokenizer = kwargs.get("tokenizer")
     if tokenizer is None:
         raise ValueError("RSD needs tokenizer= (the policies' tokenizer) to find step boundaries and talk to the PRM")
@@ -111,6 +122,14 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"rsd_generator must be a torch.Generator, got {type(generator).__name__}")
     fast_mode(rsd.get("rsd_fast_path", "auto"), target)  # validates the value, naming it
+    reward_prompts = rsd.get("reward_prompts")
+    if reward_prompts is not None and (
+        isinstance(reward_prompts, str) or not all(isinstance(p, str) for p in reward_prompts)
+    ):
+        raise ValueError(
+            f"reward_prompts must be a list of strings, one problem per row; got {type(reward_prompts).__name__}"
+            + (f" {reward_prompts[:40]!r}" if isinstance(reward_prompts, str) else "")
+        )
     return RSDOptions(
         draft=draft,
         reward_model=reward_model,
@@ -119,7 +138,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         separator=separator,
         max_step_tokens=max_step_tokens,
         max_steps=max_steps,
-        reward_prompts=rsd.get("reward_prompts"),
+        reward_prompts=reward_prompts,
         streamer=kwargs.pop("streamer", None),
         generator=generator,
         fast_path=rsd.get("rsd_fast_path", "auto"),

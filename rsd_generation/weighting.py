@@ -5,7 +5,9 @@ Every function here is pure: a reward tensor in, a tensor of the same shape out.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 
@@ -53,12 +55,13 @@ def get_weighting(
     `threshold` is δ for "binary" and "logistic" and p for "constant"; `params` may give `alpha` ("logistic")
     or `p` ("constant").
     """
-    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+    if not is_real(threshold) or math.isnan(threshold):
         raise ValueError(f"rsd_threshold must be a real number (δ, any value but NaN), got {threshold!r}")
+    threshold = float(threshold)
     if callable(weighting):
         if params:
             raise ValueError(f"rsd_weighting_kwargs {sorted(params)} only apply to named weightings, not a callable")
-        return weighting
+        return _checked(weighting)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown rsd_weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)} or a callable")
     allowed = {"constant": {"p"}, "logistic": {"alpha"}}.get(weighting, set())
@@ -69,14 +72,41 @@ def get_weighting(
         )
     if weighting == "constant":
         p = params.get("p", threshold)
-        if not 0.0 <= p <= 1.0:
+        if not is_real(p) or not 0.0 <= p <= 1.0:
             raise ValueError(f"constant weighting needs p in [0, 1], got {p!r}")
-        return partial(constant, p=p)
+        return partial(constant, p=float(p))
     if weighting == "binary":
         return partial(binary, delta=threshold)
     if weighting == "logistic":
-        return partial(logistic, delta=threshold, alpha=params.get("alpha", DEFAULT_LOGISTIC_ALPHA))
+        alpha = params.get("alpha", DEFAULT_LOGISTIC_ALPHA)
+        if not is_real(alpha) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"logistic weighting needs alpha a finite real number > 0, got {alpha!r}")
+        if not math.isfinite(threshold):
+            raise ValueError(f"logistic weighting needs a finite rsd_threshold, got {threshold!r}")
+        return partial(logistic, delta=threshold, alpha=float(alpha))
     return {"clip": clip, "sigmoidal": sigmoidal}[weighting]
+
+
+def is_real(x) -> bool:
+    """A real number (Python, NumPy or a 0-d tensor's item), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _checked(weighting: Weighting) -> Weighting:
+    """A user's ω, checked at every call: a tensor of r's shape (a scalar would silently apply to every row)."""
+
+    @functools.wraps(weighting)
+    def omega(r: torch.Tensor) -> torch.Tensor:
+        out = weighting(r)
+        if not isinstance(out, torch.Tensor) or out.shape != r.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"an rsd_weighting callable must return one weight per row, a tensor of shape {tuple(r.shape)} "
+                f"like its input; got {got}"
+            )
+        return out
+
+    return omega
 
 
 def accept(omega: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:

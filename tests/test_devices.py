@@ -9,10 +9,15 @@ from conftest import PROMPTS, encode, rsd_generate
 
 import rsd_generation as rsd
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PAIRINGS = [
+    pytest.param(
+        d, t, marks=[] if "cuda" not in (d, t) or torch.cuda.is_available() else pytest.mark.skip("needs a GPU")
+    )
+    for d, t in itertools.product(["cpu", "cuda"], repeat=2)
+]
 
 
-@pytest.mark.parametrize(("draft_device", "target_device"), list(itertools.product(DEVICES, DEVICES)))
+@pytest.mark.parametrize(("draft_device", "target_device"), PAIRINGS)
 def test_limits_hold_wherever_the_models_sit(qwen_pair, skywork_path, tok, draft_device, target_device):
     target, draft = (copy.deepcopy(m) for m in qwen_pair)
     target, draft = target.to(target_device), draft.to(draft_device)

@@ -14,7 +14,8 @@ from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
 from rsd_generation.testing import make_lm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MODES = ["static"] + (["graphs", "compile"] if DEVICE == "cuda" else [])
+NEEDS_CUDA = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs (and their compiled variant) need a CUDA GPU")
+MODES = ["static", pytest.param("graphs", marks=NEEDS_CUDA), pytest.param("compile", marks=NEEDS_CUDA)]
 
 
 @pytest.fixture(params=["qwen_pair", "llama_pair"])
@@ -115,6 +116,15 @@ def test_static_caches_are_reused_across_calls_and_per_role(qwen_pair, prm, tok)
     same = rsd_generate(draft, draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static")
     expected = draft.generate(**encode(tok, PROMPTS).to(draft.device), max_new_tokens=24, do_sample=False)
     assert torch.equal(same.sequences, expected)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU fallback of the graph modes")
+@pytest.mark.parametrize("mode", ["graphs", "compile"])
+def test_graph_modes_on_cpu_say_they_run_static(qwen_pair, prm, tok, mode):
+    target, draft = qwen_pair
+    with pytest.warns(UserWarning, match=f"rsd_fast_path='{mode}' needs a CUDA device.*running 'static'"):
+        out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path=mode)
+    _same(out, rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=0.5, rsd_fast_path="static"))
 
 
 def test_static_caches_are_sized_by_what_can_be_needed(qwen_pair, prm, tok):

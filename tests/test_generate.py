@@ -3,7 +3,9 @@
 import functools
 import itertools
 import operator
+import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROMPTS, encode, median_reward, rsd_generate
@@ -148,13 +150,41 @@ def test_with_rsd_is_in_place_idempotent_and_keeps_the_class_name(tok):
         ({"tokenizer": None}, "RSD needs tokenizer="),
         ({"reward_model": "skywork"}, "reward_model must be a RewardModel"),
         ({"streamer": Recorder()}, "a streamer takes one row; got a batch of 3"),
+        ({"rsd_threshold": True}, "rsd_threshold must be a real number (δ, any value but NaN), got True"),
+        (
+            {"rsd_weighting": "logistic", "rsd_weighting_kwargs": {"alpha": "x"}},
+            "alpha a finite real number > 0, got 'x'",
+        ),
+        ({"rsd_weighting": "logistic", "rsd_weighting_kwargs": {"alpha": float("nan")}}, "> 0, got nan"),
+        ({"rsd_weighting": "constant", "rsd_weighting_kwargs": {"p": "0.5"}}, "p in [0, 1], got '0.5'"),
+        ({"reward_prompts": "xyz"}, "reward_prompts must be a list of strings, one problem per row; got str 'xyz'"),
+        ({"reward_prompts": [1, 2, 3]}, "reward_prompts must be a list of strings"),
+        ({"rsd_weighting": lambda r: torch.tensor(1.0)}, "a tensor of shape (3,) like its input; got ()"),
+        ({"rsd_weighting": lambda r: 1.0}, "a tensor of shape (3,) like its input; got float"),
+        ({"input_ids": torch.zeros(3, 0, dtype=torch.long), "attention_mask": None}, "row(s) [0, 1, 2] of 3 are empty"),
+        ({"input_ids": torch.zeros(1, 0, dtype=torch.long), "attention_mask": torch.ones(1, 0)}, "row(s) [0] of 1"),
+        ({"attention_mask": torch.tensor([[1] * 10, [0] * 10, [1] * 10])}, "row(s) [1] of 3 are empty"),
+        ({"assistant_model": "backbone"}, "assistant_model must be a causal LM with an output head"),
     ],
 )
 def test_bad_input_is_refused_with_the_value_named(qwen_pair, prm, tok, kwargs, message):
     target, draft = qwen_pair
-    call = {"tokenizer": tok, "assistant_model": draft, "reward_model": prm, "max_new_tokens": 4, **kwargs}
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        target.generate(**encode(tok, PROMPTS), **call)
+    if kwargs.get("assistant_model") == "backbone":
+        kwargs = {"assistant_model": prm.backbone}
+    call = {**encode(tok, PROMPTS), "tokenizer": tok, "assistant_model": draft, "reward_model": prm}
+    call = {**call, "max_new_tokens": 4, **kwargs}
+    if "attention_mask" in kwargs and "input_ids" not in kwargs:
+        call["input_ids"] = torch.ones(3, 10, dtype=torch.long)
+    call = {k: v for k, v in call.items() if v is not None}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        target.generate(**call)
+
+
+def test_numpy_and_tensor_thresholds_are_real_numbers(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    expected = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=0.5).sequences
+    for delta in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5).item()):
+        assert torch.equal(rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta).sequences, expected)
 
 
 def test_rsd_options_without_reward_model_are_refused(qwen_pair, tok):

@@ -29,7 +29,9 @@ def test_get_weighting_binds_threshold_and_params():
     assert rsd.get_weighting("constant", 0.4, p=0.9)(R).tolist() == pytest.approx([0.9] * 6)
     assert rsd.get_weighting("logistic", 0.3, alpha=2.0)(torch.tensor([0.3])).item() == pytest.approx(0.5)
     f = lambda r: r * 0
-    assert rsd.get_weighting(f, 0.7) is f
+    assert rsd.get_weighting(f, 0.7)(R).tolist() == [0.0] * 6  # a callable is used as given, its output checked
+    with pytest.raises(ValueError, match=r"one weight per row, a tensor of shape \(6,\) like its input; got \(1,\)"):
+        rsd.get_weighting(lambda r: r[:1], 0.7)(R)
 
 
 @pytest.mark.parametrize(
