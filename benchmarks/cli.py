@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
 import time
@@ -115,30 +117,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse bad values with the value named."""
-    for name in ("batch_size", "beam_expand"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    """Refuse bad values with the value named, before anything is loaded; fill in the defaults."""
+    for name in ("batch_size", "beam_expand", "num_problems", "max_new_tokens", "max_step_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for name in ("n", "beams"):
         if any(v < 1 for v in getattr(args, name)):
             ap.error(f"--{name} values must be at least 1, got {getattr(args, name)}")
-    if args.num_problems is not None and args.num_problems < 1:
-        ap.error(f"--num-problems must be at least 1, got {args.num_problems}")
     if bad := [lv for lv in args.levels if lv not in (1, 2, 3, 4, 5)]:
         ap.error(f"--levels must be within 1-5, got {bad}")
-    if not args.temperature > 0:
-        ap.error(f"--temperature must be positive, got {args.temperature}")
-    args.prm = dict(_named(p) for p in args.prm)
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        ap.error(f"--temperature must be positive and finite, got {args.temperature}")
+    if bad := [d for d in args.deltas if not math.isfinite(d)]:
+        ap.error(f"--deltas must be finite numbers, got {bad}")
+    prms: dict[str, str] = {}
+    for name, path in map(_named, args.prm):
+        if not name:
+            ap.error(f"--prm {name}={path}: the NAME before '=' is empty")
+        if name in prms:
+            ap.error(f"--prm names {name!r} twice ({prms[name]} and {path}); give each reward model its own NAME")
+        prms[name] = path
+    args.prm = prms
     if args.rsd_prms is not None and (bad := [p for p in args.rsd_prms if p not in args.prm]):
         ap.error(f"--rsd-prms names unknown reward models {bad}; known: {sorted(args.prm)}")
     needs_prm = {"rsd", "rsd_merged", "best_of_n", "process_best_of_n", "beam_search"} & set(args.methods)
     if needs_prm and not args.prm:
         ap.error(f"methods {sorted(needs_prm)} need a reward model (--prm)")
+    args.draft = _model_path(ap, "--draft", args.draft)
+    args.target = _model_path(ap, "--target", args.target)
+    args.prm = {name: _model_path(ap, f"--prm {name}=", path) for name, path in args.prm.items()}
+    for name in ("merged_draft", "merged_target"):
+        if getattr(args, name) is not None:
+            setattr(args, name, _model_path(ap, f"--{name.replace('_', '-')}", getattr(args, name)))
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        ap.error(f"--data-dir {args.data_dir} is not a folder (it should hold math500/test.jsonl, gsm8k/test.jsonl)")
     toy = args.dataset == "toy"
-    args.num_problems = args.num_problems or (100 if toy else None)
-    args.max_new_tokens = args.max_new_tokens or (160 if toy else 2048)
-    args.max_step_tokens = args.max_step_tokens or (48 if toy else 512)
+    if args.num_problems is None:
+        args.num_problems = 100 if toy else None
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 160 if toy else 2048
+    if args.max_step_tokens is None:
+        args.max_step_tokens = 48 if toy else 512
     args.output = Path(args.output or f"out/{args.dataset}")
+    if args.output.exists() and not args.output.is_dir():
+        ap.error(f"--output {args.output} is a file; it must name a folder (new or one of rsd-bench's)")
+
+
+def _model_path(ap: argparse.ArgumentParser, option: str, value: str) -> str:
+    """A model given as a local folder or a hub id. What looks local (starts with /, ./, ../ or ~, has more than one
+    path separator, or exists) must be a folder, else an error naming it (not the hub's "Repo id must be in the
+    form ..."); `~` is expanded."""
+    path = Path(value).expanduser()
+    looks_local = value.startswith(("/", "./", "../", "~")) or value.count(os.sep) > 1 or path.exists()
+    if not looks_local or path.is_dir():
+        return str(path) if value.startswith("~") else value
+    given = f"{option}{value}" if option.endswith("=") else f"{option} {value}"
+    if path.exists():
+        ap.error(f"{given} is a file, not a model folder")
+    ap.error(f"{given} does not exist (no such model folder)")
 
 
 def _named(spec: str) -> tuple[str, str]:

@@ -191,14 +191,48 @@ def test_resume_after_an_interrupted_run_loses_nothing(tmp_path, monkeypatch):
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--levels", "0", "6"], "--levels must be within 1-5, got [0, 6]"),
         (["--rsd-prms", "huge"], "--rsd-prms names unknown reward models ['huge']"),
-        (["--n", "0"], "--n values must be at least 1"),
-        (["--temperature", "0"], "--temperature must be positive, got 0.0"),
+        (["--n", "4", "0"], "--n values must be at least 1, got [4, 0]"),
+        (["--beams", "0"], "--beams values must be at least 1, got [0]"),
+        (["--num-problems", "0"], "--num-problems must be at least 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["--max-step-tokens", "-5"], "--max-step-tokens must be at least 1, got -5"),
+        (["--max-step-tokens", "0"], "--max-step-tokens must be at least 1, got 0"),
+        (["--deltas", "0.7", "nan"], "--deltas must be finite numbers, got [nan]"),
+        (["--deltas", "0.5", "inf"], "--deltas must be finite numbers, got [inf]"),
+        (["--deltas=-inf"], "--deltas must be finite numbers, got [-inf]"),
+        (["--temperature", "0"], "--temperature must be positive and finite, got 0.0"),
+        (["--temperature", "-1"], "--temperature must be positive and finite, got -1.0"),
+        (["--temperature", "nan"], "--temperature must be positive and finite, got nan"),
+        (["--temperature", "inf"], "--temperature must be positive and finite, got inf"),
+        (["--prm", "a={tmp}", "b=x/y", "a=org/other"], "--prm names 'a' twice ({tmp} and org/other)"),
+        (["--prm", "={tmp}"], "--prm ={tmp}: the NAME before '=' is empty"),
+        (["--output", "{tmp}/a-file"], "--output {tmp}/a-file is a file; it must name a folder"),
+        (["--draft", "./no-such-model"], "--draft ./no-such-model does not exist"),
+        (["--target", "../no-such-model"], "--target ../no-such-model does not exist"),
+        (["--target", "{tmp}/missing"], "--target {tmp}/missing does not exist"),
+        (["--draft", "~/no-such-model-rsd"], "--draft ~/no-such-model-rsd does not exist"),
+        (["--draft", "models/qwen/no-such"], "--draft models/qwen/no-such does not exist"),
+        (["--prm", "p=./nowhere"], "--prm p=./nowhere does not exist"),
+        (["--prm", "{tmp}/gone"], "--prm gone={tmp}/gone does not exist"),
+        (["--merged-draft", "{tmp}/gone"], "--merged-draft {tmp}/gone does not exist"),
+        (["--target", "{tmp}/a-file"], "--target {tmp}/a-file is a file, not a model folder"),
+        (["--data-dir", "{tmp}/gone"], "--data-dir {tmp}/gone is not a folder"),
     ],
 )
-def test_bad_options_are_refused_naming_the_value(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        cli.parse_args(argv)
-    assert message in capsys.readouterr().err
+def test_bad_options_are_refused_naming_the_value(argv, message, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert e.value.code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+
+
+def test_defaults_fill_in_only_what_is_not_given(tmp_path):
+    args = cli.parse_args(["--max-new-tokens", "1", "--max-step-tokens", "1", "--target", "Qwen/Qwen2.5-Math-7B"])
+    assert (args.max_new_tokens, args.max_step_tokens, args.num_problems) == (1, 1, 100)
+    assert args.target == "Qwen/Qwen2.5-Math-7B"  # a hub id is left to the hub
+    args = cli.parse_args(["--dataset", "gsm8k", "--output", str(tmp_path)])
+    assert (args.max_new_tokens, args.max_step_tokens, args.num_problems) == (2048, 512, None)
 
 
 def test_real_dataset_path_runs_on_tiny_checkpoints(tmp_path):
