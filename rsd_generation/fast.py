@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .kv import RowCache, causal_lm_forward, hidden_forward
+from .kv import RowCache, cache_kwarg, causal_lm_forward, hidden_forward
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
 MODES = ("auto", "off", "static", "graphs", "compile")
@@ -109,6 +109,7 @@ class StaticRowCache(RowCache):
                  pad_token_id: int = 0, graphs: bool = False, compile_decode: bool = False):  # fmt: skip
         self._backbone = weakref.ref(backbone)  # the kept-caches table is keyed weakly by it: do not pin the model
         self.head, self.config = head, config
+        self.cache_kwarg = cache_kwarg(backbone)  # resolved here, not inside a traced or compiled forward
         self.device = backbone.get_input_embeddings().weight.device
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
@@ -250,9 +251,9 @@ class StaticRowCache(RowCache):
         allowed = allowed | (c == cols[:, None])  # a padded query attends to itself: never an all-masked row
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=cols.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # mask: [B, 1, W, C]
-        hidden = self.backbone(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.kv, use_cache=True
-        ).last_hidden_state  # hidden: [B, W, H]
+        kw = {self.cache_kwarg: self.kv}
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        hidden = hidden.last_hidden_state  # hidden: [B, W, H]
         return self.head(hidden[torch.arange(len(last), device=last.device), last])
 
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor) -> torch.Tensor:

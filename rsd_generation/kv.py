@@ -9,13 +9,15 @@ masked gap changes nothing in the math.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-# forward(input_ids, attention_mask, position_ids, cache_position, past_key_values, last) -> [R, X]
+# forward(input_ids, attention_mask, position_ids, cache_position, cache, last) -> [R, X]
 Forward = Callable[..., torch.Tensor]
 
 
@@ -86,7 +88,7 @@ class RowCache:
             attention_mask=None if self.dense else mask,
             position_ids=pos,
             cache_position=cache_position,
-            past_key_values=self.cache,
+            cache=self.cache,
             last=last,
         )
         self.mask = mask
@@ -157,10 +159,24 @@ def pad_right(chunks: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     return ids, valid
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache under: `cache` (transformers 5.24 on; `past_key_values`
+    is deprecated there) or `past_key_values` (earlier releases)."""
+    return _cache_kwarg(type(model))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
+    """`cache_kwarg` per class (the signature does not change between instances)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def causal_lm_forward(model) -> Forward:
     """A `RowCache` forward for a causal LM: float32 logits at each row's last valid token, `(R, V)`."""
+    name = cache_kwarg(model)
 
-    def forward(last: torch.Tensor, **inputs) -> torch.Tensor:
+    def forward(last: torch.Tensor, cache, **inputs) -> torch.Tensor:
+        inputs[name] = cache
         if inputs["input_ids"].shape[1] == 1:
             logits = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, 0]  # logits: [R, V]
         else:
@@ -174,9 +190,10 @@ def causal_lm_forward(model) -> Forward:
 
 def hidden_forward(backbone) -> Forward:
     """A `RowCache` forward for a bare backbone: the last hidden state at each row's last valid token, `(R, H)`."""
+    name = cache_kwarg(backbone)
 
-    def forward(last: torch.Tensor, **inputs) -> torch.Tensor:
-        hidden = backbone(**inputs, use_cache=True).last_hidden_state  # hidden: [R, L, H]
+    def forward(last: torch.Tensor, cache, **inputs) -> torch.Tensor:
+        hidden = backbone(**inputs, **{name: cache}, use_cache=True).last_hidden_state  # hidden: [R, L, H]
         return hidden[torch.arange(len(last), device=last.device), last]
 
     return forward

@@ -9,10 +9,9 @@ from conftest import PROMPTS, encode, rsd_generate
 
 import rsd_generation as rsd
 
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="a pairing with a CUDA device needs a GPU")
 PAIRINGS = [
-    pytest.param(
-        d, t, marks=[] if "cuda" not in (d, t) or torch.cuda.is_available() else pytest.mark.skip("needs a GPU")
-    )
+    pytest.param(d, t, marks=[NEEDS_GPU] if "cuda" in (d, t) else [])
     for d, t in itertools.product(["cpu", "cuda"], repeat=2)
 ]
 
