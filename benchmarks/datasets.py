@@ -7,9 +7,15 @@ exact checker.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
+import subprocess
+import sys
 import threading
+import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +28,8 @@ from .toy import task
 DATA_DIR = Path(os.environ.get("RSD_DATA_DIR") or Path(__file__).resolve().parent / "data")
 JSONL_DATASETS = ("math500", "gsm8k")
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-GRADE_TIMEOUT_S = 5  # math-verify's per-parse / per-comparison limit; SIGALRM-based, so main thread only
+GRADE_TIMEOUT_S = 5  # math-verify's limit per parse and per comparison (SIGALRM-based: it runs on a main thread only)
+GRADE_DEADLINE_S = 60  # off the main thread: the grading process is killed when one answer takes longer than this
 _FIELDS = {"math500": ("unique_id", "problem", "answer", "level"), "gsm8k": ("idx", "question", "answer")}
 
 
@@ -145,15 +152,112 @@ def qwen_math_prompt(tokenizer, question: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _timeout() -> int | None:
-    """math-verify's timeout: `GRADE_TIMEOUT_S` on the main thread; None elsewhere (its SIGALRM fails off it)."""
-    return GRADE_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+# math-verify bounds its work with SIGALRM, which only a main thread can use (math-verify issues #50 and #55), and a
+# thread cannot be stopped from outside (sympy stuck in a long integer loop even holds the GIL). So calls from other
+# threads are graded by a child Python process that runs math-verify in its own main thread, timeouts on, and is
+# killed (then started again) when one answer still takes longer than GRADE_DEADLINE_S. What it runs mirrors
+# `grade` and `answer_key` below (a test checks that both paths agree).
+_CHILD_CODE = """
+import json, sys
+from math_verify import parse, verify
+
+answers = sys.stdout
+sys.stdout = sys.stderr  # whatever math-verify prints stays off the answer channel
+answers.write("ready\\n")
+answers.flush()
+for line in sys.stdin:
+    op, gold, response, timeout = json.loads(line)
+    target = parse(response, parsing_timeout=timeout)
+    if op == "grade":
+        out = bool(target) and verify(parse("$" + gold + "$", parsing_timeout=timeout), target, timeout_seconds=timeout)
+    else:
+        out = str(target[0]) if target else None
+    answers.write(json.dumps(out) + "\\n")
+    answers.flush()
+"""
+
+
+class _GradingProcess:
+    """The child process that grades for threads other than the main one: one request at a time, started on first
+    use, killed and restarted when an answer overruns `GRADE_DEADLINE_S`."""
+
+    def __init__(self, code: str = _CHILD_CODE):
+        self.code = code
+        self.proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        atexit.register(self.stop)
+
+    def ask(self, op: str, gold: str | None, response: str):
+        """`op` "grade" (a bool) or "key" (math-verify's first parsed value as text, or None) for `response`; None
+        when the answer took longer than `GRADE_DEADLINE_S` (a warning says so) or the process died."""
+        with self._lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            try:
+                self.proc.stdin.write((json.dumps([op, gold, response, GRADE_TIMEOUT_S]) + "\n").encode())
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                line = None
+            else:
+                line = self._read_line(GRADE_DEADLINE_S)
+            if line is None:
+                self._stop_locked()
+                warnings.warn(
+                    f"math-verify gave no answer within {GRADE_DEADLINE_S} s (the grading process was stopped); "
+                    f"graded as wrong: {response[:80]!r}",
+                    stacklevel=3,
+                )
+                return None
+            return json.loads(line)
+
+    def stop(self) -> None:
+        """Kill the process, if any (the next request starts a new one)."""
+        with self._lock:
+            self._stop_locked()
+
+    def _start(self) -> None:
+        self._stop_locked()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+        )  # a session of its own: a Ctrl-C meant for the benchmark does not print the child's traceback
+        if self._read_line(120) != b"ready\n":
+            self._stop_locked()
+            raise RuntimeError(f"the math-verify grading process did not start ({sys.executable} -c ...)")
+
+    def _read_line(self, timeout: float) -> bytes | None:
+        """One line from the process, or None if none comes within `timeout` seconds (or it ended)."""
+        fd, line = self.proc.stdout.fileno(), b""
+        end = time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            line += chunk
+        return line
+
+    def _stop_locked(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdin.close()
+            self.proc.stdout.close()
+            self.proc = None
+
+
+_child = _GradingProcess()
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> list:
-    """The gold answer parsed by math-verify, wrapped in `$...$` so that it is read as LaTeX."""
-    return parse(f"${gold}$", parsing_timeout=_timeout())
+    """The gold answer parsed by math-verify, wrapped in `$...$` so that it is read as LaTeX (main thread only)."""
+    return parse(f"${gold}$", parsing_timeout=GRADE_TIMEOUT_S)
 
 
 def grade(example: Example, response: str) -> bool:
@@ -161,17 +265,19 @@ def grade(example: Example, response: str) -> bool:
 
     Toy: the last step "The answer is N." must give the expression's value. MATH500 / GSM8K: math-verify,
     `verify(parse(gold), parse(response))` (gold first; the response's answer is extracted by math-verify's default
-    rules: `\\boxed{}` first, else the last LaTeX or plain expression). On the main thread each parse and comparison is
-    limited to `GRADE_TIMEOUT_S` seconds; in other threads math-verify's signal-based timeout cannot run, so it is off
-    and a pathological response (e.g. `\\boxed{10^{10^{10^{10}}}}`) may take very long to compare.
+    rules: `\\boxed{}` first, else the last LaTeX or plain expression). Each parse and comparison is limited to
+    `GRADE_TIMEOUT_S` seconds, so a pathological response (e.g. `\\boxed{10^{10^{10^{10}}}}`) grades False in bounded
+    time. From any thread: off the main thread, where math-verify's timeout cannot run, a child process grades
+    (see `_GradingProcess`).
     """
     if example.dataset == "toy":
         return task.final_answer(response) == int(example.gold)
     if example.dataset not in JSONL_DATASETS:
         raise ValueError(f"example.dataset must be 'toy' or one of {JSONL_DATASETS}, got {example.dataset!r}")
-    timeout = _timeout()
-    target = parse(response, parsing_timeout=timeout)
-    return bool(target) and verify(_parse_gold(example.gold), target, timeout_seconds=timeout)
+    if not _on_main_thread():
+        return bool(_child.ask("grade", example.gold, response))
+    target = parse(response, parsing_timeout=GRADE_TIMEOUT_S)
+    return bool(target) and verify(_parse_gold(example.gold), target, timeout_seconds=GRADE_TIMEOUT_S)
 
 
 def answer_key(example: Example, response: str) -> str | None:
@@ -180,5 +286,7 @@ def answer_key(example: Example, response: str) -> str | None:
     if example.dataset == "toy":
         n = task.final_answer(response)
         return None if n is None else str(n)
-    parsed = parse(response, parsing_timeout=_timeout())
+    if not _on_main_thread():
+        return _child.ask("key", None, response)
+    parsed = parse(response, parsing_timeout=GRADE_TIMEOUT_S)
     return str(parsed[0]) if parsed else None

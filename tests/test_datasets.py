@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +14,7 @@ from rsd_generation.benchmarks import datasets
 from rsd_generation.benchmarks.datasets import (
     SYSTEM_PROMPT,
     Example,
+    answer_key,
     grade,
     gsm8k_gold,
     load_jsonl_dataset,
@@ -214,11 +217,62 @@ def test_grading_works_off_the_main_thread():
     assert results == [True, False]
 
 
+def test_grading_off_the_main_thread_agrees_with_the_main_thread(math500, gsm8k):
+    cases = [(e, f"The answer is $\\boxed{{{e.gold}}}$") for e in math500[:12]]
+    cases += [(e, "So $x = \\boxed{\\dfrac{9}{19}}$ or $\\boxed{(5, \\infty)}$.") for e in math500[12:20]]
+    cases += [(e, f"so the answer is {int(e.gold) + k}.") for k, e in enumerate(gsm8k[:8])]
+    cases += [(math500[0], ""), (gsm8k[0], "\\boxed{")]
+    here = [(grade(e, r), answer_key(e, r)) for e, r in cases]
+    with ThreadPoolExecutor(3) as pool:
+        there = list(pool.map(lambda c: (grade(*c), answer_key(*c)), cases))
+    assert there == here
+    assert {g for g, _ in here} == {True, False} and None in {k for _, k in here}  # the cases exercise both outcomes
+
+
+def test_pathological_response_is_bounded_on_any_thread():
+    """Off the main thread math-verify's SIGALRM timeout cannot run (math-verify #50, #55): a thread stuck in sympy
+    would hang for good (and starve the main thread of the GIL), so this runs in a process of its own with a limit."""
+    script = (
+        "import time, threading\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from rsd_generation.benchmarks import datasets\n"
+        "datasets.GRADE_TIMEOUT_S = 1\n"
+        "ex = datasets.Example('b', 'q', '18', None, 'gsm8k')\n"
+        "bad = '\\\\boxed{10^{10^{10^{10}}}}'\n"
+        "def timed(f):\n"
+        "    t = time.perf_counter()\n"
+        "    return f(), round(time.perf_counter() - t, 1)\n"
+        "main = timed(lambda: (datasets.grade(ex, bad), datasets.answer_key(ex, bad)))\n"
+        "with ThreadPoolExecutor(1) as pool:\n"
+        "    thread = pool.submit(timed, lambda: (datasets.grade(ex, bad), datasets.answer_key(ex, bad))).result()\n"
+        "print(main, thread)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    main, thread = done.stdout.split(") (")
+    assert main.startswith("((False, '10**(10**(10**10))'), ") and thread.startswith("(False, '10**(10**(10**10))'), ")
+    assert float(thread.rstrip(")\n").rsplit(" ", 1)[1]) < 30  # the child starts, then 1 s per parse or comparison
+
+
 def test_pathological_response_times_out_on_the_main_thread(monkeypatch):
     monkeypatch.setattr(datasets, "GRADE_TIMEOUT_S", 1)
     t = time.perf_counter()
     assert not grade(Example("b", "q", "18", None, "gsm8k"), "\\boxed{10^{10^{10^{10}}}}")  # hangs without a timeout
     assert time.perf_counter() - t < 10
+
+
+def test_a_grading_process_that_overruns_is_killed_and_restarted(monkeypatch):
+    never_answers = "import sys, time\nprint('ready', flush=True)\nfor line in sys.stdin:\n    time.sleep(600)\n"
+    child = datasets._GradingProcess(never_answers)
+    monkeypatch.setattr(datasets, "GRADE_DEADLINE_S", 1)
+    try:
+        with pytest.warns(UserWarning, match="no answer within 1 s .*graded as wrong: 'the answer is 7'"):
+            assert child.ask("grade", "7", "the answer is 7") is None
+        assert child.proc is None  # killed
+        with pytest.warns(UserWarning, match="no answer within 1 s"):
+            assert child.ask("key", None, "7") is None  # a new process, killed again
+    finally:
+        child.stop()
 
 
 def test_grade_rejects_an_unknown_dataset():
