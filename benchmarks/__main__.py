@@ -1,4 +1,4 @@
-"""`python -m benchmarks` is `rsd-bench` (see `benchmarks.cli`)."""
+"""`python -m rsd_generation.benchmarks` is `rsd-bench` (see `rsd_generation.benchmarks.cli`)."""
 
 from .cli import main
 

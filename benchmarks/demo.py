@@ -5,7 +5,7 @@ The models are small random Qwen2 models written to disk and loaded back through
 the mechanics (acceptance, what each model processes, FLOPs against target-only, closeness to the target's
 output) and checks that δ = 0 reproduces the draft and δ above every reward reproduces the target, token for token.
 
-    python -m benchmarks.demo [--output out/demo] [--device cpu|cuda] [--force]
+    python -m rsd_generation.benchmarks.demo [--output out/demo] [--device cpu|cuda] [--force]
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": prompts,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": " ".join(["python -m benchmarks.demo", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m rsd_generation.benchmarks.demo", *(sys.argv[1:] if argv is None else argv)]),
     }
     write_json_atomic(out / "results.json", result)
     print(f"wrote {out / 'results.json'}")

@@ -3,7 +3,7 @@
 Reports the merge's wall time and peak resident memory (measured in a child process), against the size of one
 checkpoint; the target is a peak below one checkpoint plus 1 GiB (mergekit reads shard by shard).
 
-    python -m benchmarks.merge_memory [--workdir DIR] [--output FILE] [--force]
+    python -m rsd_generation.benchmarks.merge_memory [--workdir DIR] [--output FILE] [--force]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_target": peak < size + 2**30,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": " ".join(["python -m benchmarks.merge_memory", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m rsd_generation.benchmarks.merge_memory", *(sys.argv[1:] if argv is None else argv)]),
     }
     print(
         f"merge {result['merge_seconds']:.1f} s, peak RSS {peak / 2**30:.2f} GiB (anonymous {peak_anon / 2**30:.2f}, "

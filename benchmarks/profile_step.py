@@ -2,7 +2,7 @@
 
 Random bf16 weights of Qwen2.5-Math-1.5B's shapes, batch 1, 128-token prompt, 64 one-token forwards each.
 
-    python -m benchmarks.profile_step [--tokens 64] [--shapes 1.5b|7b] [--mode off|static|graphs|compile]
+    python -m rsd_generation.benchmarks.profile_step [--tokens 64] [--shapes 1.5b|7b] [--mode off|static|graphs|compile]
         [--output FILE]
 """
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result[f'{name}_cuda_kernel_ms_per_token']:.2f} ms/token in kernels, "
               f"{result[f'{name}_aten_ops_per_token']:.0f} aten ops/token", flush=True)  # fmt: skip
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
-    result["command"] = " ".join(["python -m benchmarks.profile_step", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = " ".join(["python -m rsd_generation.benchmarks.profile_step", *(sys.argv[1:] if argv is None else argv)])
     if args.output:
         write_json_atomic(args.output, result)
     return result

@@ -11,7 +11,7 @@ side by side in one run, at each batch size:
   transformers assisted generation (batch 1 only);
 - speedups of RSD over the best target-only decoding among all of these, and over stock eager `generate`.
 
-    python -m benchmarks.speed [--batch-sizes 1 16] [--new-tokens 128] [--output benchmarks/results/speed-<gpu>.json]
+    python -m rsd_generation.benchmarks.speed [--batch-sizes 1 16] [--new-tokens 128] [--output benchmarks/results/speed-<gpu>.json]
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_options": dict(fast.COMPILE_OPTIONS),
         "rows": rows,
         "complete": False,
-        "command": " ".join(["python -m benchmarks.speed", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m rsd_generation.benchmarks.speed", *(sys.argv[1:] if argv is None else argv)]),
     }
     for B in args.batch_sizes:  # saved after each batch size: an interrupted run keeps what it measured
         rows.append(measure(B, draft, target, prm, tok, args))
