@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_target": peak < size + 2**30,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": " ".join(["python -m rsd_generation.benchmarks.merge_memory", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            ["python -m rsd_generation.benchmarks.merge_memory", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     print(
         f"merge {result['merge_seconds']:.1f} s, peak RSS {peak / 2**30:.2f} GiB (anonymous {peak_anon / 2**30:.2f}, "

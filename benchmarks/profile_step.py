@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result[f'{name}_cuda_kernel_ms_per_token']:.2f} ms/token in kernels, "
               f"{result[f'{name}_aten_ops_per_token']:.0f} aten ops/token", flush=True)  # fmt: skip
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
-    result["command"] = " ".join(["python -m rsd_generation.benchmarks.profile_step", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = " ".join(
+        ["python -m rsd_generation.benchmarks.profile_step", *(sys.argv[1:] if argv is None else argv)]
+    )
     if args.output:
         write_json_atomic(args.output, result)
     return result

@@ -5,7 +5,8 @@ PRM is fine-tuned from its own policy (shared ancestry, as Skywork's PRM and Qwe
 solutions, with prefix-correct step labels, in Skywork's input layout. Then both policies are graded greedy on
 held-out problems and both PRMs are scored by ROC-AUC on held-out draft steps; the metrics go to metrics.json.
 
-    python -m rsd_generation.benchmarks.toy.train [--output benchmarks/toy/models] [--device cuda] [--scale 1.0] [--force]
+    python -m rsd_generation.benchmarks.toy.train [--output benchmarks/toy/models] [--device cuda] [--scale 1.0] \
+        [--force]
 """
 
 from __future__ import annotations
@@ -322,7 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": {**seconds, "total": time.time() - t0},
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": " ".join(["python -m rsd_generation.benchmarks.toy.train", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            ["python -m rsd_generation.benchmarks.toy.train", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     name = "metrics-prms.json" if args.prms_only else "metrics.json"
     write_json_atomic(out / name, result)
