@@ -11,7 +11,7 @@ side by side in one run, at each batch size:
   transformers assisted generation (batch 1 only);
 - speedups of RSD over the best target-only decoding among all of these, and over stock eager `generate`.
 
-    python -m rsd_generation.benchmarks.speed [--batch-sizes 1 16] [--new-tokens 128] \
+    python -m rsd_generation.benchmarks.speed [--batch-sizes 1 16] [--new-tokens 128]
         [--output benchmarks/results/speed-<gpu>.json]
 """
 

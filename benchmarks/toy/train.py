@@ -5,7 +5,7 @@ PRM is fine-tuned from its own policy (shared ancestry, as Skywork's PRM and Qwe
 solutions, with prefix-correct step labels, in Skywork's input layout. Then both policies are graded greedy on
 held-out problems and both PRMs are scored by ROC-AUC on held-out draft steps; the metrics go to metrics.json.
 
-    python -m rsd_generation.benchmarks.toy.train [--output benchmarks/toy/models] [--device cuda] [--scale 1.0] \
+    python -m rsd_generation.benchmarks.toy.train [--output benchmarks/toy/models] [--device cuda] [--scale 1.0]
         [--force]
 """
 
