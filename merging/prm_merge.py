@@ -186,6 +186,10 @@ def merge_prm_with_policy(
             raise MergeError(str(e)) from None
     policy, prm, out = str(policy), str(prm), Path(output_dir).expanduser()
     check_weights(policy_weight, prm_weight, normalize)
+    try:
+        import mergekit  # noqa: F401  (an extra: the generation mode does not need it)
+    except ImportError:
+        raise MergeError("merging needs mergekit: pip install 'rsd-generation[merge]'") from None
     if dtype not in (None, "bfloat16", "float16", "float32"):
         raise MergeError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
     policy_cfg = _config(policy)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,13 @@ def test_a_merge_never_writes_over_its_inputs(tok, tmp_path, where):
             merge_prm_with_policy(policy, prm, out[where], force=force)
         assert cli(["--policy", str(policy), "--prm", str(prm), "--output", str(out[where]), "--force"]) == 2
     assert _tree(tmp_path) == before
+
+
+def test_without_the_merge_extra_the_error_says_what_to_install(policy_dir, prm_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mergekit", None)  # as if mergekit were not installed
+    out = tmp_path / "out"
+    assert cli(["--policy", str(policy_dir), "--prm", str(prm_dir), "--output", str(out)]) == 2
+    assert "pip install 'rsd-generation[merge]'" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--policy", "--prm"])
