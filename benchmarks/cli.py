@@ -13,18 +13,22 @@ then summary.json, table.md and plots under OUTPUT/plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import utils as hf_hub_utils
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 import rsd_generation as rsd
 
@@ -446,11 +450,33 @@ def report_only(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """While the block runs, transformers shows no progress bars (a "Loading weights" bar per model) and logs errors
+    only (its notices are about its own internals, e.g. assisted generation passing generation_config with
+    max_new_tokens); the benchmark's own bar and table are the output. Download bars of the hub stay on: a first
+    download of a real checkpoint takes minutes (cached files show none). Restored afterwards."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars = not hf_hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' switch turns the hub's bars off too
+    if hub_bars:
+        hf_hub_utils.enable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()  # the hub's too
+        if not hub_bars:
+            hf_hub_utils.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.report_only and not (args.output / "records.jsonl").is_file():
         raise SystemExit(f"error: no records in {args.output / 'records.jsonl'}")
-    with output_lock(args.output):  # one run per output folder: two would write every record twice
+    with output_lock(args.output), quiet_transformers():  # one run per output folder: two write every record twice
         rows = report_only(args) if args.report_only else run(args)
     print(markdown(rows))
     print(f"results in {args.output}/ (records.jsonl, summary.json, table.md, plots/)")

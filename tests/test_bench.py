@@ -365,3 +365,33 @@ def test_resume_may_add_settings_and_spell_the_same_dtype_differently(finished_r
     argv = [*finished_run[1], "--output", str(out), "--resume", "--methods", "target", "draft", "--dtype", "float32"]
     rows = cli.main(argv)  # --dtype auto was float32 on this CPU: the same run
     assert [r["setting"] for r in rows] == ["target", "draft"] and ran == ["draft|draft"]
+
+
+def test_the_cli_shows_no_loading_bars_or_transformers_notices_and_restores_them(tmp_path, capfd):
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    seen = {}
+    real = cli.load_models
+
+    def load_and_notice(args):
+        hf_logging.get_logger("transformers.generation").warning("a notice of transformers' own")
+        seen["hub bars"] = not hub.are_progress_bars_disabled()
+        return real(args)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cli, "load_models", load_and_notice)
+            cli.main([*QUICK, "--num-problems", "1", "--methods", "target", "--output", str(tmp_path / "out")])
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "a notice of transformers' own" not in err
+        assert seen == {"hub bars": True}  # downloads of real checkpoints still show progress
+        assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == hf_logging.WARNING
+        assert not hub.are_progress_bars_disabled()
+        hub.disable_progress_bars()
+        cli.main(["--report-only", "--methods", "target", "--output", str(tmp_path / "out"), "--no-plots"])
+        assert hf_logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled()  # each restored as it was
+    finally:
+        hf_logging.enable_progress_bar()
