@@ -148,14 +148,15 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     needs_prm = {"rsd", "rsd_merged", "best_of_n", "process_best_of_n", "beam_search"} & set(args.methods)
     if needs_prm and not args.prm:
         ap.error(f"methods {sorted(needs_prm)} need a reward model (--prm)")
-    args.draft = _model_path(ap, "--draft", args.draft)
-    args.target = _model_path(ap, "--target", args.target)
-    args.prm = {name: _model_path(ap, f"--prm {name}=", path) for name, path in args.prm.items()}
-    for name in ("merged_draft", "merged_target"):
-        if getattr(args, name) is not None:
-            setattr(args, name, _model_path(ap, f"--{name.replace('_', '-')}", getattr(args, name)))
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        ap.error(f"--data-dir {args.data_dir} is not a folder (it should hold math500/test.jsonl, gsm8k/test.jsonl)")
+    if not args.report_only:  # which loads no model and no data
+        args.draft = _model_path(ap, "--draft", args.draft)
+        args.target = _model_path(ap, "--target", args.target)
+        args.prm = {name: _model_path(ap, f"--prm {name}=", path) for name, path in args.prm.items()}
+        for name in ("merged_draft", "merged_target"):
+            if getattr(args, name) is not None:
+                setattr(args, name, _model_path(ap, f"--{name.replace('_', '-')}", getattr(args, name)))
+        if args.data_dir is not None and not args.data_dir.is_dir():
+            ap.error(f"--data-dir {args.data_dir} is not a folder (it should hold math500/, gsm8k/ with test.jsonl)")
     toy = args.dataset == "toy"
     if args.num_problems is None:
         args.num_problems = 100 if toy else None

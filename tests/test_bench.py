@@ -233,6 +233,8 @@ def test_defaults_fill_in_only_what_is_not_given(tmp_path):
     assert args.target == "Qwen/Qwen2.5-Math-7B"  # a hub id is left to the hub
     args = cli.parse_args(["--dataset", "gsm8k", "--output", str(tmp_path)])
     assert (args.max_new_tokens, args.max_step_tokens, args.num_problems) == (2048, 512, None)
+    args = cli.parse_args(["--report-only", "--target", "./models-since-deleted", "--output", str(tmp_path)])
+    assert args.target == "./models-since-deleted"  # --report-only loads no model
 
 
 def test_real_dataset_path_runs_on_tiny_checkpoints(tmp_path):
