@@ -207,7 +207,9 @@ def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
     """Greedy or multinomial choice, as `GenerationMixin._sample` does it: `(R, V)` -> `(R,)`."""
     if not s.do_sample:
         return scores.argmax(-1)
-    probs = torch.softmax(scores, -1)
+    probs = torch.softmax(scores, -1)  # probs: [R, V]
+    if s.generator is not None and s.generator.device.type != probs.device.type:  # e.g. a CPU generator, GPU model
+        return torch.multinomial(probs.to(s.generator.device), 1, generator=s.generator).squeeze(1).to(probs.device)
     return torch.multinomial(probs, 1, generator=s.generator).squeeze(1)
 
 

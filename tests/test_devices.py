@@ -26,3 +26,16 @@ def test_limits_hold_wherever_the_models_sit(qwen_pair, skywork_path, tok, draft
         out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta)
         expected = reference.generate(**enc.to(reference.device), max_new_tokens=24, do_sample=False)
         assert torch.equal(out.sequences.cpu(), expected.cpu())
+
+
+@NEEDS_GPU
+def test_a_cpu_generator_samples_for_models_on_a_gpu(qwen_pair, skywork_path, tok):
+    target, draft = (copy.deepcopy(m).to("cuda") for m in qwen_pair)
+    prm = rsd.load_reward_model(skywork_path, tokenizer=tok, device_map="cuda")
+    kw = dict(rsd_weighting="clip", do_sample=True, top_k=20)
+    runs = [
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_generator=torch.Generator().manual_seed(5), **kw)
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].rsd_stats["steps"] == runs[1].rsd_stats["steps"]

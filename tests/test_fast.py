@@ -2,6 +2,8 @@
 contract through rollback, compaction, growth and rows leaving. On CPU it runs eagerly ("static"); the graph modes
 are exercised on a GPU by `tests/test_fast.py` run there (see the README) and by `benchmarks.speed`."""
 
+import copy
+
 import pytest
 import torch
 from conftest import PROMPTS, EndRowZeroEarly, encode, median_reward, rsd_generate
@@ -20,7 +22,8 @@ MODES = ["static", pytest.param("graphs", marks=NEEDS_CUDA), pytest.param("compi
 
 @pytest.fixture(params=["qwen_pair", "llama_pair"])
 def pair(request):
-    return tuple(m.to(DEVICE) for m in request.getfixturevalue(request.param))
+    """Copies on DEVICE: `Module.to` moves in place, and the session's models must stay on the CPU for other tests."""
+    return tuple(copy.deepcopy(m).to(DEVICE) for m in request.getfixturevalue(request.param))
 
 
 @pytest.fixture
