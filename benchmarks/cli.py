@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import rsd_generation as rsd
+from rsd_generation.paths import looks_local
 
 from . import datasets
 from .io import RecordStore, output_lock, write_json_atomic
@@ -122,6 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse bad values with the value named, before anything is loaded; fill in the defaults."""
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        ap.error("plots need matplotlib: pip install 'rsd-generation[bench]', or pass --no-plots")
     for name in ("batch_size", "beam_expand", "num_problems", "max_new_tokens", "max_step_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -174,8 +177,7 @@ def _model_path(ap: argparse.ArgumentParser, option: str, value: str) -> str:
     path separator, or exists) must be a folder, else an error naming it (not the hub's "Repo id must be in the
     form ..."); `~` is expanded."""
     path = Path(value).expanduser()
-    looks_local = value.startswith(("/", "./", "../", "~")) or value.count(os.sep) > 1 or path.exists()
-    if not looks_local or path.is_dir():
+    if not looks_local(value) or path.is_dir():
         return str(path) if value.startswith("~") else value
     given = f"{option}{value}" if option.endswith("=") else f"{option} {value}"
     if path.exists():

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from math_verify import parse, verify
+try:
+    from math_verify import parse, verify
+except ImportError as e:  # an extra: the generation mode does not need it
+    raise ImportError(f"rsd-bench grades answers with math-verify: pip install 'rsd-generation[bench]' ({e})") from e
 
 from .toy import task
 

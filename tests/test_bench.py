@@ -227,6 +227,14 @@ def test_bad_options_are_refused_naming_the_value(argv, message, tmp_path, capsy
     assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
 
 
+def test_without_the_bench_extra_plots_are_refused_before_any_work(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--preset", "quick"])
+    assert e.value.code == 2 and "pip install 'rsd-generation[bench]', or pass --no-plots" in capsys.readouterr().err
+    assert cli.parse_args(["--preset", "quick", "--no-plots"]).no_plots
+
+
 def test_defaults_fill_in_only_what_is_not_given(tmp_path):
     args = cli.parse_args(["--max-new-tokens", "1", "--max-step-tokens", "1", "--target", "Qwen/Qwen2.5-Math-7B"])
     assert (args.max_new_tokens, args.max_step_tokens, args.num_problems) == (1, 1, 100)
