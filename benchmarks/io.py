@@ -18,15 +18,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """Write `obj` as JSON to a temp file beside `path`, then rename it over `path` (a crash leaves no half file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
     return path
 
 
@@ -117,7 +109,7 @@ class RecordStore:
                 f.writelines(line if line.endswith(b"\n") else line + b"\n" for _, _, line in bad)
                 f.flush()
                 os.fsync(f.fileno())
-        _write_bytes_atomic(self.path, b"".join(keep))
+        write_bytes_atomic(self.path, b"".join(keep))
         if bad:
             shown = "; ".join(f"line {n}: {why}" for n, why, _ in bad[:5]) + ("; ..." if len(bad) > 5 else "")
             warnings.warn(
@@ -168,12 +160,11 @@ def _create_new(path: Path) -> Path:
     raise FileExistsError(f"no free name like {path}")
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Replace `path` by `data`: a temp file beside it, fsynced, renamed over it, and the folder fsynced."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if path.exists():
-            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))  # mkstemp's 0600 would replace the file's own mode
+    try:  # the file's own mode, or a plain file's for a new one (not mkstemp's 0600)
+        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
