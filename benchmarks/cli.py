@@ -51,6 +51,7 @@ ALL_METHODS = (
     "process_best_of_n",
     "beam_search",
 )
+DEFAULT_PRMS = (f"small={TOY / 'prm-small'}", f"large={TOY / 'prm-large'}")
 WEIGHTINGS = ("binary", "constant", "clip", "sigmoidal", "logistic")
 PRESETS = {
     "quick": dict(
@@ -77,8 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--draft", default=str(TOY / "draft"))
     g.add_argument("--target", default=str(TOY / "target"))
     g.add_argument(
-        "--prm", nargs="+", default=[f"small={TOY / 'prm-small'}", f"large={TOY / 'prm-large'}"],
-        help="reward models as NAME=PATH (a bare PATH is named by its folder)",
+        "--prm", nargs="+", action="extend", default=None,
+        help="reward models as NAME=PATH (a bare PATH is named by its folder); may be repeated "
+        "(default: the toy models' small= and large= PRMs)",
     )  # fmt: skip
     g.add_argument("--merged-draft", help="merged draft+PRM checkpoint (default: merged on the fly into OUTPUT/merged)")
     g.add_argument("--merged-target", help="merged target+PRM checkpoint (default: merged on the fly)")
@@ -139,6 +141,8 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if bad := [d for d in args.deltas if not math.isfinite(d)]:
         ap.error(f"--deltas must be finite numbers, got {bad}")
     prms: dict[str, str] = {}
+    if args.prm is None:  # not given (argparse's extend would add to a default list instead of replacing it)
+        args.prm = list(DEFAULT_PRMS)
     for name, path in map(_named, args.prm):
         if not name:
             ap.error(f"--prm {name}={path}: the NAME before '=' is empty")

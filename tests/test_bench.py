@@ -235,6 +235,14 @@ def test_without_the_bench_extra_plots_are_refused_before_any_work(monkeypatch, 
     assert cli.parse_args(["--preset", "quick", "--no-plots"]).no_plots
 
 
+def test_repeated_prm_flags_add_up(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    args = cli.parse_args(["--prm", f"x={a}", "--prm", f"y={b}"])
+    assert args.prm == {"x": str(a), "y": str(b)}
+    assert sorted(cli.parse_args([]).prm) == ["large", "small"]
+
+
 def test_defaults_fill_in_only_what_is_not_given(tmp_path):
     args = cli.parse_args(["--max-new-tokens", "1", "--max-step-tokens", "1", "--target", "Qwen/Qwen2.5-Math-7B"])
     assert (args.max_new_tokens, args.max_step_tokens, args.num_problems) == (1, 1, 100)
