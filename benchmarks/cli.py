@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with output_lock(args.output), quiet_transformers():  # one run per output folder: two write every record twice
         rows = report_only(args) if args.report_only else run(args)
     print(markdown(rows))
-    print(f"results in {args.output}/ (records.jsonl, summary.json, table.md, plots/)")
+    files = "records.jsonl, summary.json, table.md, step_rewards.json" + ("" if args.no_plots else ", plots/")
+    print(f"results in {args.output}/ ({files})")
     return rows
 
 

@@ -9,7 +9,7 @@ from conftest import PROMPTS, encode, rsd_generate
 
 import rsd_generation as rsd
 
-NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="a pairing with a CUDA device needs a GPU")
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PAIRINGS = [
     pytest.param(d, t, marks=[NEEDS_GPU] if "cuda" in (d, t) else [])
     for d, t in itertools.product(["cpu", "cuda"], repeat=2)
