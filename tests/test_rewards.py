@@ -1,6 +1,7 @@
 """Reward model adapters: scores equal a reference computed directly from the checkpoint; kind detection."""
 
 import json
+import re
 import string
 
 import pytest
@@ -128,6 +129,16 @@ def test_undetectable_kind_is_refused(tmp_path, tok):
         rsd.load_reward_model(tmp_path, tokenizer=tok)
     with pytest.raises(ValueError, match="unknown reward model kind 'orm'"):
         rsd.load_reward_model(tmp_path, kind="orm", tokenizer=tok)
+
+
+@pytest.mark.parametrize("given", ["{tmp}/no-such-prm", "./no-such-prm", "~/no-such-prm-here", "{tmp}/a-file"])
+def test_a_local_path_that_is_no_folder_is_named(tmp_path, tok, given, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a model")
+    path = given.replace("{tmp}", str(tmp_path))
+    why = "is a file, not a checkpoint directory" if path.endswith("a-file") else "does not exist"
+    with pytest.raises(ValueError, match=f"reward model '{re.escape(path)}' {why}"):
+        rsd.load_reward_model(path, tokenizer=tok)
 
 
 def test_head_shape_mismatch_is_refused(tmp_path, tok, skywork_path):
