@@ -376,7 +376,15 @@ RESOLVED = {"device": "device_map", "torch_dtype": "dtype"}
 def _check_resume(path: Path, config: dict, resume: bool) -> None:
     """A resumed run must use the options it started with (see `RESUME_MAY_CHANGE`); SystemExit naming each option
     that differs, with its old and new value."""
-    if not resume or not path.exists():
+    if not resume:
+        return
+    records = path.with_name("records.jsonl")
+    if not path.exists():
+        if records.exists() and records.stat().st_size:
+            raise SystemExit(
+                f"error: --resume: {records} has results but {path.name} (the options they were made with) is missing, "
+                "so they cannot be checked against this run; use another --output (or --force to discard them)"
+            )
         return
     old = json.loads(path.read_text())
     new = json.loads(json.dumps(config))  # as run.json will hold it (tuples as lists, paths as text)

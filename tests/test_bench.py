@@ -235,6 +235,15 @@ def test_without_the_bench_extra_plots_are_refused_before_any_work(monkeypatch, 
     assert cli.parse_args(["--preset", "quick", "--no-plots"]).no_plots
 
 
+def test_resume_without_run_json_is_refused_and_nothing_is_touched(tmp_path, capsys):
+    (tmp_path / "records.jsonl").write_text('{"setting": "target", "id": "0"}\n')
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--output", str(tmp_path), "--resume", "--methods", "target", "--num-problems", "1", "--no-plots"])
+    assert "run.json (the options they were made with) is missing" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".rsd-bench.lock", "records.jsonl"]
+    assert (tmp_path / "records.jsonl").read_text() == '{"setting": "target", "id": "0"}\n'
+
+
 def test_repeated_prm_flags_add_up(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
