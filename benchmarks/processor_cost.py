@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteriaList
 
-from rsd_generation.decoding import RowIds, _Sampling, _StepRules, decode_step, step_separator
+from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step, step_separator
 from rsd_generation.fast import MODES, row_cache
 
 from .io import refuse_overwrite, write_json_atomic
@@ -35,10 +35,10 @@ def ms_per_token(model, tok, B: int, n: int, mode: str, processors: list, length
     prompts = torch.randint(30, 1000, (B, 128), generator=torch.Generator().manual_seed(0))
     ctx = RowIds(prompts, 0)
     ctx.out = [[5] * k for k in lengths]
-    s = _Sampling(
+    s = Sampling(
         LogitsProcessorList(processors), False, None, QWEN_1_5B["vocab_size"], torch.empty(0, dtype=torch.long), 0
     )
-    rules = _StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
+    rules = StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
     rows, budget = torch.ones(B, dtype=torch.bool), torch.full((B,), 10**6)
     cache = row_cache(model, "cost", B, 0, mode, 128 + (repeats + 2) * n + max(lengths) + 64)
     cache.pending = prompts.tolist()

@@ -17,7 +17,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from rsd_generation.decoding import RowIds, _Sampling, _StepRules, decode_step, step_separator
+from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step, step_separator
 from rsd_generation.fast import MODES, row_cache
 
 from .io import write_json_atomic
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = random_model(shapes, 1, "cuda", torch.bfloat16)
     prompts = torch.randint(1, 1000, (1, 128), generator=torch.Generator().manual_seed(0))
     n = args.tokens
-    s = _Sampling(LogitsProcessorList(), False, None, QWEN_1_5B["vocab_size"], torch.empty(0, dtype=torch.long), 0)
-    rules = _StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
+    s = Sampling(LogitsProcessorList(), False, None, QWEN_1_5B["vocab_size"], torch.empty(0, dtype=torch.long), 0)
+    rules = StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
     rows, budget = torch.ones(1, dtype=torch.bool), torch.full((1,), 10**6)
 
     def ours():

@@ -36,7 +36,7 @@ from transformers import (
 
 import rsd_generation as rsd
 from rsd_generation import fast
-from rsd_generation.decoding import RowIds, _Sampling, _StepRules, decode_step, step_separator
+from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step, step_separator
 from rsd_generation.fast import row_cache
 
 from .io import refuse_overwrite, write_json_atomic
@@ -92,10 +92,10 @@ def timed(fn, repeats: int) -> tuple[object, float, list[float]]:
     return res, statistics.median(times), times
 
 
-def _target_only_rules(tok, n: int) -> tuple[_Sampling, _StepRules]:
+def _target_only_rules(tok, n: int) -> tuple[Sampling, StepRules]:
     """Greedy, no EOS, a step of `n` tokens: one `decode_step` generates exactly `n` tokens."""
-    s = _Sampling(LogitsProcessorList(), False, None, 10**9, torch.empty(0, dtype=torch.long), 0)
-    return s, _StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
+    s = Sampling(LogitsProcessorList(), False, None, 10**9, torch.empty(0, dtype=torch.long), 0)
+    return s, StepRules(step_separator(tok, "\n\n"), n, StoppingCriteriaList())
 
 
 def loop_alone(model, role: str, tok, prompts: torch.Tensor, n: int, mode: str, capacity: int) -> tuple[float, float]:
@@ -152,10 +152,10 @@ def calibration_rewards(target, draft, prm, tok, enc: dict, args, mode: str) -> 
 def ms_per_replay(model, role: str, n: int = 64) -> float | None:
     """ms per replay of a model's captured one-token graph, back to back: the device time of one decode forward
     with no host work in between (None when nothing was captured)."""
-    cache = fast._CACHES.get(model.base_model, {}).get(role)
-    if cache is None or 1 not in cache._captured:
+    cache = fast.kept_cache(model, role)
+    graph = cache.captured_graph(1) if cache is not None else None
+    if graph is None:
         return None
-    graph = cache._captured[1][0]
     graph.replay()
     _sync()
     t = time.perf_counter()
@@ -168,9 +168,8 @@ def ms_per_replay(model, role: str, n: int = 64) -> float | None:
 def _capture_seconds() -> dict:
     """Seconds spent capturing (and compiling) per kept static cache, by model role."""
     out: dict = {}
-    for kept in fast._CACHES.values():
-        for role, cache in kept.items():
-            out[role] = out.get(role, 0.0) + cache.capture_seconds
+    for role, cache in fast.kept_caches():
+        out[role] = out.get(role, 0.0) + cache.capture_seconds
     return out
 
 

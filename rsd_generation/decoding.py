@@ -50,7 +50,7 @@ class RSDOptions:
 
 
 @dataclass
-class _Sampling:
+class Sampling:
     """What both policies share when picking a token."""
 
     processors: LogitsProcessorList
@@ -62,7 +62,7 @@ class _Sampling:
 
 
 @dataclass
-class _StepRules:
+class StepRules:
     """When a step (and the row) ends, besides EOS."""
 
     separator: StepSeparator
@@ -164,7 +164,7 @@ class RowIds:
 
     def groups(self, rows: torch.Tensor, selected: torch.Tensor, device: torch.device) -> list[tuple]:
         """The selected cache rows grouped by committed length, each as (cache rows `(G,)`, original rows `(G,)`,
-        ids so far `(B, P + c)`), on `device`.
+        ids so far `(B, P + c)`, whether the group is the whole batch in order), the tensors on `device`.
 
         Args:
             rows (`torch.LongTensor` of shape `(R,)`): the original row of each cache row.
@@ -182,16 +182,17 @@ class RowIds:
             ids[:, :P] = self.prompts.cpu()
             if c:
                 ids[orig, P:] = torch.tensor([self.out[i] for i in orig.tolist()], dtype=torch.long)
-            groups.append((js.to(device), orig.to(device), ids.to(device)))
+            whole = len(js) == B == len(rows) and bool((js == orig).all())  # decided here, on the host
+            groups.append((js.to(device), orig.to(device), ids.to(device), whole))
         return groups
 
 
 def _per_row(fn, groups, step: torch.Tensor, scores: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Call a processor or criterion list `fn(ids (B, L), scores (B, V))` once per group of `RowIds.groups`, and
     write each group's rows of the result into `out` (`(R, V)` or `(R,)`, indexed by cache row)."""
-    B = groups[0][2].shape[0]
-    for js, orig, ids in groups:
-        if len(js) == B == len(step) and bool((js == orig).all()):  # the whole batch, in order: no scatter
+    for js, orig, ids, whole in groups:
+        B = ids.shape[0]
+        if whole:  # the whole batch, in order: no scatter
             full_step, full_scores = step, scores
         else:
             full_step = step.new_zeros(B, step.shape[1])  # full_step: [B, t], filler outside the group
@@ -203,7 +204,7 @@ def _per_row(fn, groups, step: torch.Tensor, scores: torch.Tensor, out: torch.Te
     return out
 
 
-def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
+def _pick(scores: torch.Tensor, s: Sampling) -> torch.Tensor:
     """Greedy or multinomial choice, as `GenerationMixin._sample` does it: `(R, V)` -> `(R,)`."""
     if not s.do_sample:
         return scores.argmax(-1)
@@ -214,7 +215,7 @@ def _pick(scores: torch.Tensor, s: _Sampling) -> torch.Tensor:
 
 
 def decode_step(
-    cache: RowCache, ctx: RowIds, rows: torch.Tensor, budget: torch.Tensor, s: _Sampling, rules: _StepRules
+    cache: RowCache, ctx: RowIds, rows: torch.Tensor, budget: torch.Tensor, s: Sampling, rules: StepRules
 ) -> tuple[list[list[int]], int, torch.Tensor]:
     """Let one policy write one step for the selected rows (others only carry masked padding).
 
@@ -315,7 +316,7 @@ def rsd_decode(
     eos = torch.tensor(_token_ids(generation_config.eos_token_id), dtype=torch.long)  # eos: [E]
     pad_ids = _token_ids(generation_config.pad_token_id)
     pad = pad_ids[0] if pad_ids else (int(eos[0]) if len(eos) else 0)  # generate's choice: the first EOS
-    s = _Sampling(
+    s = Sampling(
         logits_processor,
         generation_config.do_sample,
         o.generator,
@@ -324,7 +325,7 @@ def rsd_decode(
         pad,
     )
     user = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    rules = _StepRules(step_separator(o.tokenizer, o.separator), o.max_step_tokens, StoppingCriteriaList(user))
+    rules = StepRules(step_separator(o.tokenizer, o.separator), o.max_step_tokens, StoppingCriteriaList(user))
     problems = (
         list(o.reward_prompts)
         if o.reward_prompts is not None

@@ -231,6 +231,11 @@ class StaticRowCache(RowCache):
         self.rows = self.rows[idx.cpu()]
         self.pending = [self.pending[i] for i in idx.tolist()]
 
+    def captured_graph(self, width: int) -> torch.cuda.CUDAGraph | None:
+        """The CUDA graph captured for chunks of `width` tokens, if any (for timing its replay alone)."""
+        entry = self._captured.get(width)
+        return entry[0] if entry is not None else None
+
     # -- forwards -------------------------------------------------------------------------------------------------
     def _grow(self, needed: int) -> None:
         """More columns: reallocate the buffers and drop the captured graphs (they point at the old ones)."""
@@ -392,6 +397,17 @@ def row_cache(model: nn.Module, role: str, batch_size: int, pad_token_id: int, m
     cache = StaticRowCache(backbone, head, model.config, batch_size, capacity, pad_token_id, graphs, compile_decode)
     kept[role] = cache
     return cache
+
+
+def kept_cache(model: nn.Module, role: str) -> StaticRowCache | None:
+    """The static cache kept for `model` (a causal LM or a bare backbone) in `role`, if any."""
+    kept = _CACHES.get(model) or _CACHES.get(getattr(model, "base_model", model)) or {}
+    return kept.get(role)
+
+
+def kept_caches() -> list[tuple[str, StaticRowCache]]:
+    """Every kept static cache, as (role, cache)."""
+    return [(role, cache) for kept in _CACHES.values() for role, cache in kept.items()]
 
 
 def release_fast_caches() -> None:
