@@ -21,6 +21,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .fast import fast_mode, row_cache
 from .kv import RowCache, pad_right
 from .rewards import RewardModel
+from .schedule import Scheduler
 from .stats import RSDStats, Step
 from .weighting import Weighting, accept, needs_draw
 
@@ -47,6 +48,7 @@ class RSDOptions:
     streamer: object | None
     generator: torch.Generator | None
     fast_path: str | bool = "auto"
+    schedule: str | int = "eager"
 
 
 @dataclass
@@ -345,71 +347,71 @@ def rsd_decode(
     out = ctx.out  # committed new tokens per original row
     rows = torch.arange(B)  # rows: [R], original index of each active row
 
+    sched = Scheduler(o.schedule)
+    waiting = torch.zeros(B, dtype=torch.bool)  # waiting: [R], rows whose step was rejected, for the target to write
+
     while len(rows):
         R = len(rows)
-        for c in (m, M, prm.state):  # step boundary: no provisional columns are pending a decision
+        for c in (m, M, prm.state):  # a tick boundary: no provisional columns are pending a decision
             c.compact()
         budget = torch.tensor([max_new - len(out[i]) for i in rows.tolist()])  # budget: [R]
-        everyone = torch.ones(R, dtype=torch.bool)
+        done = torch.zeros(R, dtype=torch.bool)  # done: [R]
+        t0 = sched.start()
 
-        # 1. draft step: ŷ_i ~ m(· | z_i)
-        y_hat, m_start, stop_hat = decode_step(m, ctx, everyone, budget, s, rules)
-        texts = o.tokenizer.batch_decode(y_hat, skip_special_tokens=True)
+        if sched.run_target(int(waiting.sum()), int((~waiting).sum())):
+            # 4. rejected steps: the target writes y_i ~ M(· | z_i) after catching up on the accepted drafts
+            y, _, stop = decode_step(M, ctx, waiting, budget, s, rules)
+            sched.done("target", t0)
+            for j in waiting.nonzero().flatten().tolist():
+                i, text = int(rows[j]), o.tokenizer.decode(y[j], skip_special_tokens=True)
+                stats.steps[i].append(Step(text, len(y[j]), "target", None, True))
+                m.pending[j] = y[j]  # the draft catches up with its next step
+                prm.replace(j, text)
+                done[j] = _commit(out[i], y[j], bool(stop[j]), stats.steps[i], eos, max_new, o)
+            waiting[:] = False
+        else:
+            drafting = ~waiting  # drafting: [R]
+            # 1. draft step: ŷ_i ~ m(· | z_i)
+            y_hat, m_start, stop_hat = decode_step(m, ctx, drafting, budget, s, rules)
+            texts = [o.tokenizer.decode(y, skip_special_tokens=True) if d else None
+                     for y, d in zip(y_hat, drafting.tolist(), strict=True)]  # fmt: skip
 
-        # 2. reward: r_i = r(ŷ_i | z_i)
-        r = prm.score(texts)  # r: [R]
-        nan = torch.isnan(r)
-        if nan.any():
-            warnings.warn(
-                f"reward model returned NaN for {int(nan.sum())} step(s); counted as rejections", stacklevel=2
-            )
+            # 2. reward: r_i = r(ŷ_i | z_i)
+            r = prm.score(texts)  # r: [R], NaN for rows not drafting
+            nan = torch.isnan(r) & drafting
+            if nan.any():
+                warnings.warn(
+                    f"reward model returned NaN for {int(nan.sum())} step(s); counted as rejections", stacklevel=2
+                )
 
-        # 3. acceptance: keep ŷ_i with probability ω(r_i)
-        omega = o.omega(r.nan_to_num(0.0))  # omega: [R]
-        u = None
-        if needs_draw(omega):
-            u = torch.rand(R, generator=o.generator, device=o.generator.device if o.generator else "cpu").cpu()
-        accepted = accept(omega, u) & ~nan  # accepted: [R]
+            # 3. acceptance: keep ŷ_i with probability ω(r_i)
+            omega = o.omega(r[drafting].nan_to_num(0.0))  # omega: [D]
+            u = None
+            if needs_draw(omega):
+                dev = o.generator.device if o.generator else "cpu"
+                u = torch.rand(len(omega), generator=o.generator, device=dev).cpu()  # u: [D]
+            accepted = torch.zeros(R, dtype=torch.bool)  # accepted: [R]
+            accepted[drafting] = accept(omega, u) & ~nan[drafting]
+            rejected = drafting & ~accepted
+            m.drop_from(rejected, torch.full((R,), m_start))  # a rejected step leaves the draft's cache
+            prm.decide(accepted)
+            sched.done("draft", t0, float(accepted[drafting].float().mean()))
 
-        # 4. rejected steps: roll the draft back, the target writes y_i ~ M(· | z_i) after catching up
-        rejected = ~accepted
-        m.drop_from(rejected, torch.full((R,), m_start))
-        for j in accepted.nonzero().flatten().tolist():
-            M.pending[j] += y_hat[j]
-        y, stop = list(y_hat), stop_hat
-        if rejected.any():
-            y_tgt, _, stop_tgt = decode_step(M, ctx, rejected, budget, s, rules)
-            for j in rejected.nonzero().flatten().tolist():
-                y[j] = m.pending[j] = y_tgt[j]
-            stop = torch.where(rejected, stop_tgt, stop_hat)
-        tgt_texts = [
-            o.tokenizer.decode(y[j], skip_special_tokens=True) if not a else None
-            for j, a in enumerate(accepted.tolist())
-        ]
-        prm.resolve(accepted, tgt_texts)
+            # 5. commit the accepted steps; the rejected rows wait for the target
+            for j in drafting.nonzero().flatten().tolist():
+                i = int(rows[j])
+                stats.steps[i].append(Step(texts[j], len(y_hat[j]), "draft", float(r[j]), bool(accepted[j])))
+                if accepted[j]:
+                    M.pending[j] += y_hat[j]  # the target catches up when it is next called
+                    done[j] = _commit(out[i], y_hat[j], bool(stop_hat[j]), stats.steps[i], eos, max_new, o)
+            waiting |= rejected
 
-        # 5. commit
-        done = []
-        for j, i in enumerate(rows.tolist()):
-            stats.steps[i].append(Step(texts[j], len(y_hat[j]), "draft", float(r[j]), bool(accepted[j])))
-            if not accepted[j]:
-                stats.steps[i].append(Step(tgt_texts[j], len(y[j]), "target", None, True))
-            out[i] += y[j]
-            n_steps = sum(st.accepted for st in stats.steps[i])
-            done.append(
-                bool(torch.isin(torch.tensor(y[j][-1:]), eos).any())
-                or len(out[i]) >= max_new
-                or bool(stop[j])
-                or (o.max_steps is not None and n_steps >= o.max_steps)
-            )
-            if o.streamer is not None:
-                o.streamer.put(torch.tensor(y[j]))
-        keep = (~torch.tensor(done)).nonzero().flatten()  # keep: [R']
+        keep = (~done).nonzero().flatten()  # keep: [R']
         if len(keep) < R:
             for c in (m, M):
                 c.keep(keep)
             prm.keep(keep)
-            rows = rows[keep]
+            rows, waiting = rows[keep], waiting[keep]
 
     if o.streamer is not None:
         o.streamer.end()
@@ -418,6 +420,7 @@ def rsd_decode(
     if not generation_config.return_dict_in_generate:
         return sequences
     stats.prm_calls = prm.calls
+    stats.ticks = dict(sched.ticks)
     stats.forward_tokens = {"draft": m.forward_tokens, "target": M.forward_tokens, "reward": prm.forward_tokens}
     stats.padded_tokens = {"draft": m.padded_tokens, "target": M.padded_tokens, "reward": prm.state.padded_tokens}
     stats.forward_calls = {"draft": m.forward_calls, "target": M.forward_calls, "reward": prm.state.forward_calls}
@@ -432,6 +435,22 @@ def rsd_decode(
         "reward": prm.num_parameters,
     }
     return RSDGenerateOutput(sequences=sequences, rsd_stats=stats.as_dict())
+
+
+def _commit(out: list[int], y: list[int], stop: bool, steps: list[Step], eos: torch.Tensor, max_new: int,
+            o: RSDOptions) -> bool:  # fmt: skip
+    """Append a step `y` to a row's output `out` (and the streamer); whether the row is now done (EOS, its token
+    budget, a user stopping criterion, or `rsd_max_steps` committed steps)."""
+    out += y
+    if o.streamer is not None:
+        o.streamer.put(torch.tensor(y))
+    n_steps = sum(st.accepted for st in steps)
+    return (
+        bool(torch.isin(torch.tensor(y[-1:], dtype=torch.long), eos).any())
+        or len(out) >= max_new
+        or stop
+        or (o.max_steps is not None and n_steps >= o.max_steps)
+    )
 
 
 def _check_config(generation_config: GenerationConfig, attention_mask: torch.Tensor, B: int, o: RSDOptions) -> None:

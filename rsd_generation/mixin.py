@@ -11,6 +11,7 @@ from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from .decoding import RSDOptions, rsd_decode, stop_string_criteria
 from .fast import fast_mode
 from .rewards import RewardModel
+from .schedule import Scheduler
 from .weighting import DEFAULT_THRESHOLD, get_weighting
 
 RSD_KWARGS = (
@@ -23,6 +24,7 @@ RSD_KWARGS = (
     "reward_prompts",
     "rsd_generator",
     "rsd_fast_path",
+    "rsd_schedule",
 )
 # vocabularies that differ by at most this many rows are taken as one tokenizer with padded embeddings
 MAX_VOCAB_PADDING = 1024
@@ -55,6 +57,10 @@ class RSDGenerationMixin(GenerationMixin):
                 else the plain path), `"off"` (dynamic caches, eager forwards), `"static"` (fixed-shape caches,
                 eager), `"graphs"` (fixed-shape caches, CUDA-graph-captured forwards) or `"compile"` (as graphs,
                 with the one-token forward compiled by `torch.compile` first).
+            rsd_schedule (`str` or `int`, default `"eager"`): when the target runs in a batch: `"eager"` (as soon as
+                a row's step is rejected; rows move in lockstep), an int k (once k rows wait, the others drafting
+                on meanwhile) or `"throughput"` (when the target would commit steps at least as fast as the draft,
+                by measured tick times). Outputs do not depend on it (greedy); speed does.
             kwargs: everything `GenerationMixin.generate` takes (`tokenizer` is required with `reward_model`).
         Returns:
             `RSDGenerateOutput` (`sequences`, `rsd_stats`) with `return_dict_in_generate=True`, else the sequences.
@@ -122,6 +128,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"rsd_generator must be a torch.Generator, got {type(generator).__name__}")
     fast_mode(rsd.get("rsd_fast_path", "auto"), target)  # validates the value, naming it
+    schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
     reward_prompts = rsd.get("reward_prompts")
     if reward_prompts is not None and (
         isinstance(reward_prompts, str) or not all(isinstance(p, str) for p in reward_prompts)
@@ -142,6 +149,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         streamer=kwargs.pop("streamer", None),
         generator=generator,
         fast_path=rsd.get("rsd_fast_path", "auto"),
+        schedule=schedule,
     )
 
 

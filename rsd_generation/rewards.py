@@ -32,8 +32,9 @@ class RewardModel:
     """Base adapter: a backbone returning hidden states, a head mapping one hidden state to one reward.
 
     Subclasses give the input format (`prefix_ids`, `step_ids`, `suffix_ids`) and the head (`reward`).
-    Protocol used by the RSD loop: `start(problems)`, then per step `score(steps)` and `resolve(accepted,
-    replacements)`, and `keep(idx)` when rows finish.
+    Protocol used by the RSD loop: `start(problems)`, then per step `score(steps)` (rows may sit one out) and
+    `decide(accepted)`, `replace(row, step)` once a rejected step's replacement is written (`resolve` does both),
+    and `keep(idx)` when rows finish.
 
     Args:
         backbone (`PreTrainedModel`): a base model (no LM head) whose output has `last_hidden_state`.
@@ -52,6 +53,7 @@ class RewardModel:
         self.calls = 0
         self._start: torch.Tensor | None = None  # first provisional column per row
         self._step_len: torch.Tensor | None = None
+        self._scored: torch.Tensor | None = None
 
     # -- input format -------------------------------------------------------------------------------------------
     def prefix_ids(self, problem: str) -> list[int]:
@@ -100,37 +102,50 @@ class RewardModel:
         self.calls = 0
 
     @torch.no_grad()
-    def score(self, steps: Sequence[str]) -> torch.Tensor:
-        """Score the newest step of every row, in one forward with any catch-up the rows still owe.
+    def score(self, steps: Sequence[str | None]) -> torch.Tensor:
+        """Score the newest step of every row given one, in one forward with any catch-up those rows still owe.
 
         Args:
-            steps (`list[str]` of length R): the candidate step of each row, as generated.
+            steps (`list` of length R): the candidate step of each row, as generated, or None for a row that is
+                not scored now (nothing of it is fed; its queue waits).
         Returns:
-            `torch.FloatTensor` of shape `(R,)` on the CPU.
+            `torch.FloatTensor` of shape `(R,)` on the CPU (NaN for rows not scored).
         """
         st = self.state
         assert st is not None and len(steps) == len(st.pending), "call start() with one problem per row first"
-        new = [self.step_ids(s) for s in steps]
+        scored = [s is not None for s in steps]
+        new = [self.step_ids(s) if s is not None else [] for s in steps]
         suffix = self.suffix_ids()
         self._start = torch.tensor([st.length + len(p) for p in st.pending])  # _start: [R]
         self._step_len = torch.tensor([len(n) for n in new])  # _step_len: [R]
-        ids, valid = pad_right([p + n + suffix for p, n in zip(st.pending, new, strict=True)], st.pad_token_id)
-        st.pending = [[] for _ in steps]
+        self._scored = torch.tensor(scored)  # _scored: [R]
+        chunks = [p + n + suffix if ok else [] for p, n, ok in zip(st.pending, new, scored, strict=True)]
+        ids, valid = pad_right(chunks, st.pad_token_id)
+        st.pending = [[] if ok else p for p, ok in zip(st.pending, scored, strict=True)]
         hidden = st.feed(ids, valid)  # hidden: [R, H]
-        self.calls += len(steps)
-        return self.reward(hidden).float().cpu()
+        self.calls += sum(scored)
+        r = self.reward(hidden).float().cpu()  # r: [R]
+        return torch.where(self._scored, r, float("nan"))
+
+    def decide(self, accepted: torch.Tensor) -> None:
+        """After `score`: keep the accepted steps in the context, mask the rejected ones (rows not scored keep all)."""
+        st = self.state
+        assert self._start is not None and self._step_len is not None, "decide() follows score()"
+        keep_to = torch.where(accepted.cpu(), self._start + self._step_len, self._start)  # keep_to: [R]
+        st.drop_from(self._scored, keep_to)
+        self._start = self._step_len = self._scored = None
+
+    def replace(self, row: int, step: str) -> None:
+        """Queue the step that replaced row `row`'s rejected one (fed with the row's next `score`)."""
+        self.state.pending[row] += self.step_ids(step)
 
     def resolve(self, accepted: torch.Tensor, replacements: Sequence[str | None]) -> None:
-        """Keep accepted steps in the context; mask rejected ones and queue their replacements."""
-        st = self.state
-        assert self._start is not None and self._step_len is not None, "resolve() follows score()"
-        keep_to = torch.where(accepted.cpu(), self._start + self._step_len, self._start)  # keep_to: [R]
-        st.drop_from(torch.ones(len(keep_to), dtype=torch.bool), keep_to)
+        """`decide`, then `replace` each rejected step by its replacement."""
+        self.decide(accepted)
         for i, ok in enumerate(accepted.tolist()):
             if not ok:
                 assert replacements[i] is not None, "a rejected step needs its replacement"
-                st.pending[i] = self.step_ids(replacements[i])
-        self._start = self._step_len = None
+                self.replace(i, replacements[i])
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep only rows `idx`."""

@@ -27,6 +27,7 @@ class RSDStats:
     row_forward_tokens: dict[str, list[int]] = field(default_factory=dict)  # per model, per row
     num_parameters: dict[str, int] = field(default_factory=dict)
     prm_calls: int = 0
+    ticks: dict[str, int] = field(default_factory=dict)  # scheduler ticks per model (a tick writes one step per row)
 
     def _count(self, row: list[Step], source: str, accepted: bool) -> int:
         """Tokens of the steps of `row` from `source` with the given fate."""
@@ -72,6 +73,7 @@ class RSDStats:
             "forward_tokens": dict(self.forward_tokens),
             "padded_tokens": dict(self.padded_tokens),
             "forward_calls": dict(self.forward_calls),
+            "ticks": dict(self.ticks),
             "num_parameters": dict(n),
             "flops": {k: 2 * n[k] * self.forward_tokens[k] for k in n},
             "decode_flops": {k: 2 * n[k] * generated[k] for k in n},

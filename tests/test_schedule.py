@@ -1,0 +1,77 @@
+"""The scheduler (rsd_generation.schedule): which model runs at each tick changes the speed, never the tokens."""
+
+import pytest
+import torch
+from conftest import PROMPTS, encode, median_reward, rsd_generate
+
+from rsd_generation.schedule import Scheduler
+
+SCHEDULES = ["eager", 2, 3, "throughput"]
+MORE = [*PROMPTS, "99-8*7=", "4+4+4+4="]  # five rows of different lengths
+
+
+def _steps(out) -> list:
+    """Per row: the steps' texts, sources and decisions (rewards compared apart, to float tolerance)."""
+    return [[(s["text"], s["source"], s["accepted"]) for s in row] for row in out.rsd_stats["steps"]]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_schedule_gives_the_eager_tokens_and_decisions(qwen_pair, prm, tok, schedule):
+    target, draft = qwen_pair
+    delta = median_reward(target, draft, prm, tok, MORE)
+    kw = dict(rsd_threshold=delta, max_new_tokens=32)
+    eager = rsd_generate(target, draft, prm, tok, MORE, rsd_schedule="eager", **kw)
+    out = rsd_generate(target, draft, prm, tok, MORE, rsd_schedule=schedule, **kw)
+    assert torch.equal(out.sequences, eager.sequences)
+    assert _steps(out) == _steps(eager)
+    decisions = [a for row in _steps(out) for _, src, a in row if src == "draft"]
+    assert any(decisions) and not all(decisions), "the threshold must mix accepted and rejected steps"
+    for i, prompt in enumerate(MORE):  # and each row is what it is alone
+        alone = rsd_generate(target, draft, prm, tok, [prompt], rsd_schedule=schedule, **kw)
+        row = out.sequences[i].tolist()
+        row = row[next(k for k, t in enumerate(row) if t != tok.pad_token_id) :]
+        assert row[: alone.sequences.shape[1]] == alone.sequences[0].tolist()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_limits_hold_under_every_schedule(qwen_pair, prm, tok, schedule):
+    target, draft = qwen_pair
+    enc = encode(tok, MORE)
+    for delta, reference in ((0.0, draft), (1.5, target)):
+        out = rsd_generate(target, draft, prm, tok, MORE, rsd_threshold=delta, rsd_schedule=schedule)
+        assert torch.equal(out.sequences, reference.generate(**enc, max_new_tokens=24, do_sample=False))
+
+
+def test_waiting_rows_let_the_target_serve_more_rows_per_tick(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    kw = dict(rsd_weighting="constant", rsd_threshold=0.6, max_new_tokens=32)  # seeded coin flips
+    runs = {
+        schedule: rsd_generate(
+            target, draft, prm, tok, MORE, rsd_schedule=schedule, rsd_generator=torch.Generator().manual_seed(3), **kw
+        ).rsd_stats
+        for schedule in ("eager", len(MORE))
+    }
+    eager, gather = runs["eager"], runs[len(MORE)]
+    assert gather["ticks"]["target"] < eager["ticks"]["target"]  # fuller target calls, fewer of them
+    assert gather["ticks"]["draft"] > eager["ticks"]["draft"]  # the draft goes on meanwhile, with fewer rows
+    rejected = sum(not s["accepted"] for row in gather["steps"] for s in row if s["source"] == "draft")
+    assert gather["ticks"]["target"] <= rejected and gather["target_tokens"] > 0
+
+
+def test_the_policies_decide_as_documented():
+    assert Scheduler("eager").run_target(waiting=1, drafting=7)
+    assert not Scheduler(3).run_target(waiting=2, drafting=6) and Scheduler(3).run_target(waiting=3, drafting=5)
+    assert Scheduler(3).run_target(waiting=1, drafting=0)  # nobody left to draft: the target runs
+    assert not Scheduler("eager").run_target(waiting=0, drafting=8)
+    t = Scheduler("throughput")
+    assert t.run_target(waiting=1, drafting=7)  # nothing measured yet: as eager
+    t.seconds, t.accepted = {"draft": 0.1, "target": 0.2}, 0.8
+    assert not t.run_target(waiting=2, drafting=6)  # 2 / 0.2 = 10 steps/s < 0.8 * 6 / 0.1 = 48
+    assert t.run_target(waiting=7, drafting=1)  # 35 >= 8
+
+
+@pytest.mark.parametrize("bad", ["lazy", 0, -2, True, 1.5])
+def test_a_bad_schedule_is_refused_with_the_value_named(qwen_pair, prm, tok, bad):
+    target, draft = qwen_pair
+    with pytest.raises(ValueError, match=f"rsd_schedule must be one of .* got {bad!r}"):
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_schedule=bad)
