@@ -199,7 +199,9 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     coin = args.acceptance == "coin"
     rewards = None if coin else calibration_rewards(target, draft, prm, tok, enc, args, mode)
     row["rsd"] = {}
-    for name, q in (("accept80", 0.2), ("accept50", 0.5)):
+    cases = [(name, q, sch) for name, q in (("accept80", 0.2), ("accept50", 0.5)) for sch in args.schedules]
+    for name, q, schedule in cases:
+        name = name if schedule == "eager" else f"{name}-schedule-{schedule}"
         if coin:  # ω = p for every step, u from a seeded generator: the same decisions on every run and path
             delta = 1 - q
             how = dict(rsd_weighting="constant", rsd_weighting_kwargs={"p": delta})
@@ -208,12 +210,12 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             how = dict(rsd_weighting="binary")
         accepted: list[float] = []
 
-        def run(d=delta, accepted=accepted, how=how):
+        def run(d=delta, accepted=accepted, how=how, schedule=schedule):
             out = target.generate(
                 **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, tokenizer=tok, assistant_model=draft,
                 reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens,
                 return_dict_in_generate=True, rsd_fast_path=mode,
-                rsd_generator=torch.Generator().manual_seed(args.coin_seed), **how,
+                rsd_generator=torch.Generator().manual_seed(args.coin_seed), rsd_schedule=schedule, **how,
             )  # fmt: skip
             accepted.append(out.rsd_stats["acceptance_rate"])
             return out
@@ -228,6 +230,8 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
         ) / 1e3
         row["rsd"][name] = {
             "acceptance_control": "constant ω = p, seeded u" if coin else "binary ω, δ from a pilot run",
+            "schedule": schedule,
+            "ticks": st["ticks"],
             "p" if coin else "delta": delta,
             "acceptance_rate": st["acceptance_rate"],
             "acceptance_rate_per_run": accepted[1:],  # after the warm-up; runs may differ by bf16 rounding near δ
@@ -309,6 +313,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-static", action="store_true", help="skip target.generate with a static (compiled) cache")
     ap.add_argument("--no-assisted", action="store_true", help="skip transformers assisted generation")
     ap.add_argument("--no-rsd", action="store_true", help="per-component times only")
+    ap.add_argument(
+        "--schedules",
+        nargs="+",
+        type=lambda v: int(v) if v.isdigit() else v,
+        default=["eager"],
+        help="rsd_schedule values to measure RSD with (eager, throughput, or k rows waiting)",
+    )
     ap.add_argument(
         "--modes",
         nargs="+",

@@ -8,13 +8,16 @@ from rsd_generation.benchmarks import speed
 
 def test_speed_script_writes_its_results(tmp_path):
     out = tmp_path / "speed.json"
-    argv = ["--tiny", "--batch-sizes", "1", "--new-tokens", "40", "--prompt-tokens", "8", "--step-tokens", "4",
+    argv = ["--tiny", "--batch-sizes", "1", "2", "--schedules", "eager", "2", "--new-tokens", "40", "--prompt-tokens", "8", "--step-tokens", "4",
             "--modes", "static", "--no-static", "--no-assisted", "--repeats", "1", "--baseline-repeats", "1",
             "--output", str(out)]  # fmt: skip
     speed.main(argv)
-    row = json.loads(out.read_text())["rows"][0]
+    row, row2 = json.loads(out.read_text())["rows"]
     rsd = row["modes"]["static"]["rsd"]
     assert rsd["accept80"]["acceptance_rate"] == 0.8 and rsd["accept50"]["acceptance_rate"] == 0.5  # seed 16
+    assert set(rsd) == {"accept80", "accept50", "accept80-schedule-2", "accept50-schedule-2"}
+    rsd2 = row2["modes"]["static"]["rsd"]
+    assert rsd2["accept80-schedule-2"]["schedule"] == 2 and rsd2["accept80"]["ticks"]["draft"] > 0
     for r in rsd.values():
         assert r["speedup_vs_best_target_only"] == row["target_only_seconds"][row["best_target_only"]] / r["seconds"]
         assert r["measured_over_predicted"] > 0
