@@ -8,9 +8,9 @@ from rsd_generation.benchmarks import speed
 
 def test_speed_script_writes_its_results(tmp_path):
     out = tmp_path / "speed.json"
-    argv = ["--tiny", "--batch-sizes", "1", "2", "--schedules", "eager", "2", "--new-tokens", "40", "--prompt-tokens", "8", "--step-tokens", "4",
-            "--modes", "static", "--no-static", "--no-assisted", "--repeats", "1", "--baseline-repeats", "1",
-            "--output", str(out)]  # fmt: skip
+    argv = ["--tiny", "--batch-sizes", "1", "2", "--schedules", "eager", "2", "--new-tokens", "40",
+            "--prompt-tokens", "8", "--step-tokens", "4", "--modes", "static", "--no-static", "--no-assisted",
+            "--repeats", "1", "--baseline-repeats", "1", "--output", str(out)]  # fmt: skip
     speed.main(argv)
     row, row2 = json.loads(out.read_text())["rows"]
     rsd = row["modes"]["static"]["rsd"]
