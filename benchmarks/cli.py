@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 import rsd_generation as rsd
 from rsd_generation.paths import looks_local
+from rsd_generation.schedule import Scheduler
 
 from . import datasets
 from .io import RecordStore, output_lock, write_json_atomic
@@ -103,6 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--max-step-tokens", type=int, default=None, help="default: 48 (toy), 512 (real data)")
     g.add_argument("--temperature", type=float, default=0.7, help="of the sampling baselines")
     g.add_argument("--do-sample", action="store_true", help="sample the single-answer methods too (default greedy)")
+    g.add_argument(
+        "--schedule", default="eager", type=lambda v: int(v) if v.isdigit() else v,
+        help="rsd_schedule of RSD: eager (default), throughput, or k (the target runs once k rows wait)",
+    )  # fmt: skip
     g = ap.add_argument_group("output")
     g.add_argument("--output", type=Path, default=None)
     g.add_argument("--resume", action="store_true", help="continue OUTPUT/records.jsonl, skipping finished questions")
@@ -136,6 +141,10 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ap.error(f"--{name} values must be at least 1, got {getattr(args, name)}")
     if bad := [lv for lv in args.levels if lv not in (1, 2, 3, 4, 5)]:
         ap.error(f"--levels must be within 1-5, got {bad}")
+    try:
+        Scheduler(args.schedule)
+    except ValueError as e:
+        ap.error(f"--schedule: {e}")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         ap.error(f"--temperature must be positive and finite, got {args.temperature}")
     if bad := [d for d in args.deltas if not math.isfinite(d)]:
@@ -272,7 +281,7 @@ def load_models(args: argparse.Namespace) -> Models:
     return Models(
         tokenizer=tok, draft=draft, target=target, prms=prms, merged=merged,
         separator=SEPARATOR, max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
-        temperature=args.temperature, do_sample=args.do_sample,
+        temperature=args.temperature, do_sample=args.do_sample, schedule=args.schedule,
     )  # fmt: skip
 
 

@@ -130,6 +130,17 @@ def test_resume_after_a_torn_last_line_sets_it_aside(tmp_path, recwarn):
     assert path.read_bytes() == clean and len(list(tmp_path.glob("records.jsonl.bad-*"))) == 1
 
 
+def test_rsd_records_do_not_depend_on_the_schedule(tmp_path):
+    records = {}
+    for schedule in ("eager", "3"):
+        out = tmp_path / schedule
+        cli.main([*QUICK, "--num-problems", "6", "--batch-size", "6", "--methods", "rsd", "--schedule", schedule,
+                  "--output", str(out), "--no-plots"])  # fmt: skip
+        lines = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+        records[schedule] = [(r["setting"], r["id"], r["response"], r["correct"]) for r in lines]
+    assert records["eager"] == records["3"] and len(records["eager"]) == 12  # 6 problems, two PRMs
+
+
 def test_cli_runs_every_method_on_the_toy_models(tmp_path):
     out = tmp_path / "all"
     args = [*QUICK, "--num-problems", "2", "--methods", *cli.ALL_METHODS, "--n", "2", "--beams", "2",
@@ -217,6 +228,8 @@ def test_resume_after_an_interrupted_run_loses_nothing(tmp_path, monkeypatch):
         (["--merged-draft", "{tmp}/gone"], "--merged-draft {tmp}/gone does not exist"),
         (["--target", "{tmp}/a-file"], "--target {tmp}/a-file is a file, not a model folder"),
         (["--data-dir", "{tmp}/gone"], "--data-dir {tmp}/gone is not a folder"),
+        (["--schedule", "lazy"], "--schedule: rsd_schedule must be one of ('eager', 'throughput') or an int >= 1"),
+        (["--schedule", "0"], "got 0"),
     ],
 )
 def test_bad_options_are_refused_naming_the_value(argv, message, tmp_path, capsys):
