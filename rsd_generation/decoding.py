@@ -49,6 +49,7 @@ class RSDOptions:
     generator: torch.Generator | None
     fast_path: str | bool = "auto"
     schedule: str | int = "eager"
+    max_batch_size: int | None = None
 
 
 @dataclass
@@ -338,17 +339,19 @@ def rsd_decode(
 
     # static caches: every committed column, plus one step in flight (a row's step never exceeds its budget)
     capacity = P + max_new + min(o.max_step_tokens, max_new) + 64
-    m = row_cache(draft, "draft", B, pad, fast_mode(o.fast_path, draft), capacity)
-    M = row_cache(target, "target", B, pad, fast_mode(o.fast_path, target), capacity)
-    m.pending, M.pending = [list(p) for p in prompts], [list(p) for p in prompts]
-    prm.start(problems, fast_path=fast_mode(o.fast_path, prm.backbone), capacity=2 * max_new + 64)
+    S = min(B, o.max_batch_size or B)  # slots: rows decoded at once; the other prompts wait in a queue
+    m = row_cache(draft, "draft", S, pad, fast_mode(o.fast_path, draft), capacity)
+    M = row_cache(target, "target", S, pad, fast_mode(o.fast_path, target), capacity)
+    m.pending, M.pending = [list(p) for p in prompts[:S]], [list(p) for p in prompts[:S]]
+    prm.start(problems[:S], fast_path=fast_mode(o.fast_path, prm.backbone), capacity=2 * max_new + 64)
+    queue = list(range(S, B))  # original rows not started yet, in prompt order
     stats = RSDStats(steps=[[] for _ in range(B)])
     ctx = RowIds(input_ids.cpu(), pad)  # z_i per row, as processors and stopping criteria take it
     out = ctx.out  # committed new tokens per original row
-    rows = torch.arange(B)  # rows: [R], original index of each active row
+    rows = torch.arange(S)  # rows: [R], original index of each active row
 
     sched = Scheduler(o.schedule)
-    waiting = torch.zeros(B, dtype=torch.bool)  # waiting: [R], rows whose step was rejected, for the target to write
+    waiting = torch.zeros(S, dtype=torch.bool)  # waiting: [R], rows whose step was rejected, for the target to write
 
     while len(rows):
         R = len(rows)
@@ -412,6 +415,12 @@ def rsd_decode(
                 c.keep(keep)
             prm.keep(keep)
             rows, waiting = rows[keep], waiting[keep]
+        if queue and len(rows) < S:  # finished rows free their slots: the next prompts join
+            new, queue = torch.tensor(queue[: S - len(rows)]), queue[S - len(rows) :]  # new: [N]
+            for c in (m, M):
+                c.add(new, [prompts[i] for i in new.tolist()])
+            prm.add(new, [problems[i] for i in new.tolist()])
+            rows, waiting = torch.cat([rows, new]), torch.cat([waiting, torch.zeros(len(new), dtype=torch.bool)])
 
     if o.streamer is not None:
         o.streamer.end()

@@ -143,9 +143,12 @@ class StaticRowCache(RowCache):
         self.colmask.zero_()
         self.cursor = 0  # columns in use (valid or masked); the next chunk is written from here
         self.slots = torch.arange(self.batch_size, device=dev)  # slots: [R], buffer row of each active row
+        self._in_order = True  # slots == arange(B): cache rows are buffer rows
         self.rows = torch.arange(self.batch_size)  # original row of each active row (= its buffer row)
         self.pending: list[list[int]] = [[] for _ in range(self.batch_size)]
-        self._row_tokens = torch.zeros(self.batch_size, dtype=torch.long, device=dev)  # per buffer row = original row
+        self._slot_tokens = torch.zeros(self.batch_size, dtype=torch.long, device=dev)  # per buffer row, its occupant
+        self._occupant = torch.arange(self.batch_size)  # original row in each buffer row
+        self._left: dict[int, int] = {}  # valid positions of original rows whose buffer row was handed on
         self._padded = torch.zeros((), dtype=torch.long, device=dev)
         self.forward_calls = 0
 
@@ -169,7 +172,7 @@ class StaticRowCache(RowCache):
     def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Append one chunk `(R, L)` (right-padded per row, `valid` marks real tokens); outputs `(R, X)` at each
         row's last valid token."""
-        rows, L = ids.shape
+        L = ids.shape[1]
         dev = self.device
         width = next((b for b in BUCKETS if b >= L), L) if self.graphs else L
         if self.cursor + width > self.kv.capacity:
@@ -177,7 +180,7 @@ class StaticRowCache(RowCache):
             if self.cursor + L > self.kv.capacity:
                 self._grow(self.cursor + L)
         valid, ids = valid.to(dev), ids.to(dev)
-        if rows == self.batch_size and width == L:  # every row active: no scatter
+        if self._in_order and width == L:  # every buffer row active, in order: no scatter
             x, ok = torch.where(valid, ids, self.pad_token_id), valid
         else:
             x = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long, device=dev)  # x: [B, W]
@@ -191,10 +194,10 @@ class StaticRowCache(RowCache):
         self.colmask[:, self.cursor : self.cursor + width] = ok
         out = self._run(x, pos, self.cursor, (n - 1).clamp_min(0))  # out: [B, X]
         self.cursor += L
-        self._row_tokens += n
+        self._slot_tokens += n
         self._padded += self.batch_size * width - n.sum()
         self.forward_calls += 1
-        return out if rows == self.batch_size else out[self.slots]
+        return out if self._in_order else out[self.slots]
 
     def drop_from(self, rows: torch.Tensor, start: torch.Tensor) -> None:
         """Mask out, for each selected row, every column from `start[row]` on (a discarded step)."""
@@ -227,9 +230,43 @@ class StaticRowCache(RowCache):
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep only active rows `idx`; the others stay in the buffers, masked, until the batch ends."""
+        self._in_order = self._in_order and idx.tolist() == list(range(self.batch_size))
         self.slots = self.slots[idx.to(self.device)]
         self.rows = self.rows[idx.cpu()]
         self.pending = [self.pending[i] for i in idx.tolist()]
+
+    def add(self, rows: torch.Tensor, pending) -> None:
+        """New rows join (original rows `rows`, `(N,)`) in buffer rows that rows which left have freed; their
+        columns are masked out and `pending` (their prompts) queued."""
+        taken = set(self.slots.tolist())
+        free = [b for b in range(self.batch_size) if b not in taken][: len(rows)]
+        assert len(free) == len(rows), "more rows than free buffer rows"
+        counts = self._slot_tokens[free].tolist()
+        for b, c in zip(free, counts, strict=True):  # hand the buffer row on; its count stays with its old row
+            r = int(self._occupant[b])
+            self._left[r] = self._left.get(r, 0) + c
+        self._slot_tokens[free] = 0
+        self._occupant[free] = rows.cpu()
+        self.colmask[free] = False
+        self.slots = torch.cat([self.slots, torch.tensor(free, device=self.device)])
+        self._in_order = False
+        self.rows = torch.cat([self.rows, rows.cpu()])
+        self.pending += [list(p) for p in pending]
+
+    @property
+    def row_tokens(self) -> torch.Tensor:
+        """Valid positions processed per original row, `(B,)` on the CPU (rows that left included)."""
+        n = max([int(self._occupant.max()) + 1, *(r + 1 for r in self._left)])
+        out = torch.zeros(n, dtype=torch.long)
+        out.index_add_(0, self._occupant, self._slot_tokens.cpu())
+        for r, c in self._left.items():
+            out[r] += c
+        return out
+
+    @property
+    def forward_tokens(self) -> int:
+        """Valid positions processed, all rows."""
+        return int(self._slot_tokens.sum()) + sum(self._left.values())
 
     def captured_graph(self, width: int) -> torch.cuda.CUDAGraph | None:
         """The CUDA graph captured for chunks of `width` tokens, if any (for timing its replay alone)."""

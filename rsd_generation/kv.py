@@ -147,6 +147,26 @@ class RowCache:
         self.rows = self.rows[idx.cpu()]
         self.dense = bool(self.mask.all())
 
+    def add(self, rows: torch.Tensor, pending: Sequence[Sequence[int]]) -> None:
+        """New rows join (original rows `rows`, `(N,)`), with nothing in the cache yet and `pending` queued (their
+        prompts): every existing column is masked for them."""
+        n = len(rows)
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.dim() == 4:
+                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(n, *layer.keys.shape[1:])])
+                layer.values = torch.cat([layer.values, layer.values.new_zeros(n, *layer.values.shape[1:])])
+        self.mask = torch.cat([self.mask, self.mask.new_zeros(n, self.length)])
+        self.pending += [list(p) for p in pending]
+        self.rows = torch.cat([self.rows, rows.cpu()])
+        self._grow_row_tokens(int(rows.max()) + 1)
+        self.dense = self.dense and self.length == 0
+
+    def _grow_row_tokens(self, n: int) -> None:
+        """Room for `n` original rows in the per-row counts."""
+        if n > len(self._row_tokens):
+            extra = self._row_tokens.new_zeros(n - len(self._row_tokens))
+            self._row_tokens = torch.cat([self._row_tokens, extra])
+
 
 def pad_right(chunks: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into `(ids, valid)`, both of shape `(R, max(1, longest))`."""

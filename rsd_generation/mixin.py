@@ -25,6 +25,7 @@ RSD_KWARGS = (
     "rsd_generator",
     "rsd_fast_path",
     "rsd_schedule",
+    "rsd_max_batch_size",
 )
 # vocabularies that differ by at most this many rows are taken as one tokenizer with padded embeddings
 MAX_VOCAB_PADDING = 1024
@@ -61,6 +62,8 @@ class RSDGenerationMixin(GenerationMixin):
                 a row's step is rejected; rows move in lockstep), an int k (once k rows wait, the others drafting
                 on meanwhile) or `"throughput"` (when the target would commit steps at least as fast as the draft,
                 by measured tick times). Outputs do not depend on it (greedy); speed does.
+            rsd_max_batch_size (`int`, *optional*): decode at most this many rows at once; the other prompts wait
+                in a queue and take the place of rows that finish (outputs keep the prompts' order).
             kwargs: everything `GenerationMixin.generate` takes (`tokenizer` is required with `reward_model`).
         Returns:
             `RSDGenerateOutput` (`sequences`, `rsd_stats`) with `return_dict_in_generate=True`, else the sequences.
@@ -129,6 +132,11 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         raise ValueError(f"rsd_generator must be a torch.Generator, got {type(generator).__name__}")
     fast_mode(rsd.get("rsd_fast_path", "auto"), target)  # validates the value, naming it
     schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
+    max_batch_size = rsd.get("rsd_max_batch_size")
+    if max_batch_size is not None and (
+        not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1
+    ):
+        raise ValueError(f"rsd_max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
     reward_prompts = rsd.get("reward_prompts")
     if reward_prompts is not None and (
         isinstance(reward_prompts, str) or not all(isinstance(p, str) for p in reward_prompts)
@@ -150,6 +158,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         generator=generator,
         fast_path=rsd.get("rsd_fast_path", "auto"),
         schedule=schedule,
+        max_batch_size=max_batch_size,
     )
 
 

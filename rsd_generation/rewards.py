@@ -151,6 +151,10 @@ class RewardModel:
         """Keep only rows `idx`."""
         self.state.keep(idx)
 
+    def add(self, rows: torch.Tensor, problems: Sequence[str]) -> None:
+        """New rows join (original rows `rows`), each scoring a solution of its problem from the first step."""
+        self.state.add(rows, [self.prefix_ids(p) for p in problems])
+
     @torch.no_grad()
     def score_steps(self, problem: str, steps: Sequence[str]) -> list[float]:
         """Rewards of every step of one complete solution (each step scored given the ones before it)."""

@@ -1,0 +1,77 @@
+"""A refilling queue (rsd_max_batch_size): at most k rows decode at once, finished rows hand their slot to the next
+prompt, and every row gets what it gets in one full batch (greedy), in prompt order, on every cache."""
+
+import copy
+
+import pytest
+import torch
+from conftest import encode, median_reward, rsd_generate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PATHS = ["off", "static", pytest.param("graphs", marks=pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU"))]
+PROMPTS = ["1+2=", "12*3+45-6=", "7*8=", "99-8*7=", "4+4+4+4=", "6/3="]  # rows of different lengths
+
+
+def _on_device(pair, path: str) -> tuple:
+    """The models, copied to the GPU for the graph path (the session's models stay where they are)."""
+    return tuple(copy.deepcopy(m).to("cuda") for m in pair) if path == "graphs" else pair
+
+
+def _prm_on_device(prm, path: str):
+    """The reward model on the GPU for the graph path."""
+    if path != "graphs":
+        return prm
+    prm = copy.copy(prm)
+    prm.backbone, prm.head = copy.deepcopy(prm.backbone).to("cuda"), copy.deepcopy(prm.head).to("cuda")
+    return prm
+
+
+def _steps(out) -> list:
+    return [[(s["text"], s["source"], s["accepted"]) for s in row] for row in out.rsd_stats["steps"]]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_a_queue_gives_what_the_full_batch_gives(qwen_pair, prm, tok, path, slots):
+    target, draft = _on_device(qwen_pair, path)
+    prm = _prm_on_device(prm, path)
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    kw = dict(rsd_threshold=delta, max_new_tokens=32, rsd_fast_path=path, rsd_max_step_tokens=5)
+    full = rsd_generate(target, draft, prm, tok, PROMPTS, **kw)
+    queued = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_max_batch_size=slots, **kw)
+    assert torch.equal(queued.sequences, full.sequences)
+    assert _steps(queued) == _steps(full)
+    decisions = [a for row in _steps(full) for _, src, a in row if src == "draft"]
+    assert any(decisions) and not all(decisions), "the threshold must mix accepted and rejected steps"
+    lengths = {len([t for t in row if t != tok.pad_token_id]) for row in full.sequences.tolist()}
+    assert len(lengths) > 1, "rows must finish at different times, so that slots are handed on mid-run"
+    a, b = queued.rsd_stats, full.rsd_stats
+    assert a["forward_tokens"] == b["forward_tokens"]  # each row's work is its own
+    assert [r["forward_tokens"] for r in a["per_row"]] == [r["forward_tokens"] for r in b["per_row"]]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_limits_hold_through_a_queue(qwen_pair, prm, tok, path):
+    target, draft = _on_device(qwen_pair, path)
+    prm = _prm_on_device(prm, path)
+    enc = encode(tok, PROMPTS).to(target.device)
+    for delta, reference in ((0.0, draft), (1.5, target)):
+        out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta, rsd_max_batch_size=2,
+                           rsd_fast_path=path)  # fmt: skip
+        assert torch.equal(out.sequences.cpu(), reference.generate(**enc, max_new_tokens=24, do_sample=False).cpu())
+
+
+def test_a_queue_with_logits_processors_and_a_schedule(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    kw = dict(rsd_threshold=delta, max_new_tokens=32, repetition_penalty=1.2, no_repeat_ngram_size=3)
+    full = rsd_generate(target, draft, prm, tok, PROMPTS, **kw)
+    queued = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_max_batch_size=3, rsd_schedule=2, **kw)
+    assert torch.equal(queued.sequences, full.sequences)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_a_bad_max_batch_size_is_refused_with_the_value_named(qwen_pair, prm, tok, bad):
+    target, draft = qwen_pair
+    with pytest.raises(ValueError, match=f"rsd_max_batch_size must be None or an int >= 1, got {bad!r}"):
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_max_batch_size=bad)
