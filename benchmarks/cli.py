@@ -105,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=0.7, help="of the sampling baselines")
     g.add_argument("--do-sample", action="store_true", help="sample the single-answer methods too (default greedy)")
     g.add_argument(
+        "--queue", type=int, default=1,
+        help="RSD: give generate Q batches of prompts at a time, decoded --batch-size at once through a refilling "
+        "queue (rsd_max_batch_size); records are saved after each Q batches (default 1: fixed batches)",
+    )  # fmt: skip
+    g.add_argument(
         "--schedule", default="eager", type=lambda v: int(v) if v.isdigit() else v,
         help="rsd_schedule of RSD: eager (default), throughput, or k (the target runs once k rows wait)",
     )  # fmt: skip
@@ -132,7 +137,7 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse bad values with the value named, before anything is loaded; fill in the defaults."""
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         ap.error("plots need matplotlib: pip install 'rsd-generation[bench]', or pass --no-plots")
-    for name in ("batch_size", "beam_expand", "num_problems", "max_new_tokens", "max_step_tokens"):
+    for name in ("batch_size", "beam_expand", "num_problems", "max_new_tokens", "max_step_tokens", "queue"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -281,7 +286,7 @@ def load_models(args: argparse.Namespace) -> Models:
     return Models(
         tokenizer=tok, draft=draft, target=target, prms=prms, merged=merged,
         separator=SEPARATOR, max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
-        temperature=args.temperature, do_sample=args.do_sample, schedule=args.schedule,
+        temperature=args.temperature, do_sample=args.do_sample, schedule=args.schedule, slots=args.batch_size,
     )  # fmt: skip
 
 
@@ -327,7 +332,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     bar = tqdm(total=len(todo), desc="rsd-bench", unit="question", disable=None)
     for setting in settings:
         idx = [i for s, i in todo if s == setting]
-        size = 1 if setting.method == "sd" else args.batch_size
+        size = 1 if setting.method == "sd" else args.batch_size * (args.queue if setting.method == "rsd" else 1)
         for k in range(0, len(idx), size):
             chunk = idx[k : k + size]
             bar.set_postfix_str(setting.name)

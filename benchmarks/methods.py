@@ -54,6 +54,7 @@ class Models:
     temperature: float = 0.7  # of the sampling baselines (majority, best-of-N, search)
     do_sample: bool = False  # of the single-sample methods (target, draft, SD, RSD)
     schedule: str | int = "eager"  # rsd_schedule of RSD
+    slots: int | None = None  # rsd_max_batch_size of RSD (rows decoded at once; more prompts queue)
 
 
 @dataclass
@@ -214,6 +215,7 @@ def run_rsd(models: Models, setting: Setting, batch: Batch) -> list[dict]:
         rsd_weighting_kwargs=p.get("weighting_kwargs"), rsd_step_separator=models.separator,
         rsd_max_step_tokens=models.max_step_tokens, reward_prompts=batch.problems,
         rsd_generator=torch.Generator(_device(target)).manual_seed(batch.seed), rsd_schedule=models.schedule,
+        rsd_max_batch_size=models.slots,
         max_new_tokens=models.max_new_tokens, do_sample=models.do_sample, pad_token_id=models.tokenizer.pad_token_id,
         return_dict_in_generate=True,
     )  # fmt: skip

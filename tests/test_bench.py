@@ -130,15 +130,16 @@ def test_resume_after_a_torn_last_line_sets_it_aside(tmp_path, recwarn):
     assert path.read_bytes() == clean and len(list(tmp_path.glob("records.jsonl.bad-*"))) == 1
 
 
-def test_rsd_records_do_not_depend_on_the_schedule(tmp_path):
+@pytest.mark.parametrize("how", [["--schedule", "3"], ["--batch-size", "2", "--queue", "3"]], ids=["schedule", "queue"])
+def test_rsd_records_do_not_depend_on_the_schedule_or_a_queue(tmp_path, how):
     records = {}
-    for schedule in ("eager", "3"):
-        out = tmp_path / schedule
-        cli.main([*QUICK, "--num-problems", "6", "--batch-size", "6", "--methods", "rsd", "--schedule", schedule,
+    for name, extra in (("plain", []), ("other", how)):
+        out = tmp_path / name
+        cli.main([*QUICK, "--num-problems", "6", "--batch-size", "6", "--methods", "rsd", *extra,
                   "--output", str(out), "--no-plots"])  # fmt: skip
         lines = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
-        records[schedule] = [(r["setting"], r["id"], r["response"], r["correct"]) for r in lines]
-    assert records["eager"] == records["3"] and len(records["eager"]) == 12  # 6 problems, two PRMs
+        records[name] = sorted((r["setting"], r["id"], r["response"], r["correct"]) for r in lines)
+    assert records["plain"] == records["other"] and len(records["plain"]) == 12  # 6 problems, two PRMs
 
 
 def test_cli_runs_every_method_on_the_toy_models(tmp_path):
