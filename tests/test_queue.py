@@ -75,3 +75,31 @@ def test_a_bad_max_batch_size_is_refused_with_the_value_named(qwen_pair, prm, to
     target, draft = qwen_pair
     with pytest.raises(ValueError, match=f"rsd_max_batch_size must be None or an int >= 1, got {bad!r}"):
         rsd_generate(target, draft, prm, tok, PROMPTS, rsd_max_batch_size=bad)
+
+
+def test_a_queue_with_stop_strings_max_steps_and_sampling(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    text = [tok.decode(r) for r in target.generate(**encode(tok, PROMPTS), max_new_tokens=12, do_sample=False)]
+    stop = text[1][-4]  # a character the target writes: some rows stop early on it
+    for kw in (
+        dict(rsd_threshold=0.5, stop_strings=[stop]),
+        dict(rsd_threshold=0.5, rsd_max_steps=3),
+        dict(rsd_weighting="clip", do_sample=True, top_k=10),
+    ):
+        runs = [
+            rsd_generate(
+                target,
+                draft,
+                prm,
+                tok,
+                PROMPTS,
+                rsd_generator=torch.Generator().manual_seed(1),
+                rsd_max_batch_size=k,
+                **kw,
+            )
+            for k in (None, 2, 2)
+        ]
+        assert torch.equal(runs[1].sequences, runs[2].sequences)  # reproducible under a seed
+        if not kw.get("do_sample"):  # greedy: the queue gives the full batch's tokens
+            assert torch.equal(runs[0].sequences, runs[1].sequences)
+            assert _steps(runs[0]) == _steps(runs[1])
