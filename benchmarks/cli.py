@@ -57,7 +57,7 @@ WEIGHTINGS = ("binary", "constant", "clip", "sigmoidal", "logistic")
 PRESETS = {
     "quick": dict(
         num_problems=50, methods=["target", "draft", "sd", "rsd", "majority", "best_of_n", "process_best_of_n"],
-        deltas=[0.5, 0.7, 0.9], n=[4], output="out/quick",
+        deltas=[0.5, 0.7, 0.9], n=[4], output="out/quick", queue=4,  # RSD: all 50 prompts through 16 slots
     ),
     "table2": dict(
         num_problems=500, methods=list(ALL_METHODS), deltas=[0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
