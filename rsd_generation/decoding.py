@@ -50,6 +50,7 @@ class RSDOptions:
     fast_path: str | bool = "auto"
     schedule: str | int = "eager"
     max_batch_size: int | None = None
+    speculative: int = 0  # γ of RSD∘SD (0: the target writes rejected steps alone)
 
 
 @dataclass
@@ -281,6 +282,92 @@ def _token_ids(ids) -> list[int]:
     return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
 
 
+def speculative_step(
+    m: RowCache,
+    M: RowCache,
+    ctx: RowIds,
+    rows: torch.Tensor,
+    budget: torch.Tensor,
+    s: Sampling,
+    rules: StepRules,
+    proposals: list[list[int]],
+    gamma: int,
+) -> list[list[int]]:
+    """Let the target write one step for the selected rows by speculative decoding (greedy, paper §4).
+
+    The target verifies a proposal in one forward, keeps the prefix it agrees with and adds its own next token;
+    then the draft proposes the next `gamma` tokens; until the step ends. The first proposal is the rejected
+    draft step. Token for token what `decode_step(M, ...)` writes under greedy decoding without logits processors
+    or user stopping criteria (the caller checks that). Both caches end as `decode_step` leaves them: the step in
+    the target's cache with its last token queued; the draft owes the tokens of the last verification.
+
+    Args:
+        m, M (`RowCache`): the draft's and the target's caches; the draft holds the context, nothing of the step.
+        rows (`torch.BoolTensor` of shape `(R,)`): rows that write a step.
+        budget (`torch.LongTensor` of shape `(R,)`): new tokens each row may still generate (>= 1 where selected).
+        proposals (`list[list[int]]`): per row, the first proposal (the rejected draft step).
+    Returns:
+        the step tokens per row (empty for unselected rows).
+    """
+    R, eos = len(rows), set(s.eos.tolist())
+    limit = [min(rules.max_step_tokens, int(b)) for b in budget.tolist()]  # tokens each row's step may have
+    alive = rows.tolist()
+    step: list[list[int]] = [[] for _ in range(R)]
+    prop = [list(p[: limit[j]]) if alive[j] else [] for j, p in enumerate(proposals)]
+    for j in range(R):
+        if alive[j]:
+            m.pending[j] = []
+    while any(alive):
+        # the target verifies: its queue, then the proposal, in one forward; logits at the proposal's positions
+        chunks = [M.pending[j] + prop[j] if alive[j] else [] for j in range(R)]
+        first = [M.length + len(M.pending[j]) for j in range(R)]  # first: cache column of each proposal
+        window = max(len(prop[j]) + 1 for j in range(R) if alive[j])
+        ids, valid = pad_right(chunks, M.pad_token_id)
+        for j in range(R):
+            if alive[j]:
+                M.pending[j] = []
+        logits = M.feed(ids, valid, window=window)  # logits: [R, W, V]
+        picks = logits[..., : s.vocab].argmax(-1).tolist()  # picks: [R][W], the target's greedy tokens
+        verified = torch.zeros(R, dtype=torch.bool)  # verified: [R]
+        keep = torch.zeros(R, dtype=torch.long)  # keep: [R], first target column to drop
+        for j in range(R):
+            if not alive[j]:
+                continue
+            new = []
+            for k, tok in enumerate(picks[j][window - len(prop[j]) - 1 :]):
+                new.append(tok)
+                step[j].append(tok)
+                if tok in eos or len(step[j]) >= limit[j] or _ends_with_separator(rules.separator, step[j]):
+                    alive[j] = False
+                    break
+                if k == len(prop[j]) or tok != prop[j][k]:
+                    break
+            verified[j], keep[j] = True, first[j] + len(new) - 1
+            M.pending[j] = [new[-1]]  # the step's last token stays queued
+            m.pending[j] += new  # the draft catches up on what the target wrote
+        M.drop_from(verified, keep)  # proposal tokens past the agreed prefix leave the target's cache
+        if not any(alive):
+            break
+        # the draft proposes the next gamma tokens of the rows still writing
+        going = torch.tensor(alive)
+        left = torch.tensor([limit[j] - len(step[j]) for j in range(R)])  # left: [R]
+        prop, start, _ = decode_step(m, ctx, going, left, s, StepRules(rules.separator, gamma, rules.user))
+        m.drop_from(going, torch.full((R,), start))  # proposals leave the draft's cache; kept tokens come back
+        for j in range(R):
+            if alive[j]:
+                m.pending[j] = []
+    return step
+
+
+def _ends_with_separator(separator: StepSeparator, step: list[int]) -> bool:
+    """Whether a step's text now ends in the separator (the prefilter on the last token first)."""
+    last = step[-1]
+    if last < len(separator.may_end) and not bool(separator.may_end[last]):
+        return False
+    ids = torch.tensor([step])
+    return bool(separator(ids, torch.zeros(1, 1), sync=True)[0])
+
+
 def _vocab_size(model: PreTrainedModel) -> int:
     """Rows of the model's output embedding."""
     return model.get_output_embeddings().weight.shape[0]
@@ -351,6 +438,9 @@ def rsd_decode(
     rows = torch.arange(S)  # rows: [R], original index of each active row
 
     sched = Scheduler(o.schedule)
+    # RSD∘SD: greedy, and no processor or user criterion that would need the ids at each verified position
+    speculative = bool(o.speculative) and not s.do_sample and not len(s.processors) and not len(rules.user)
+    rejected_steps: dict[int, list[int]] = {}  # original row -> its rejected draft step, while it waits
     waiting = torch.zeros(S, dtype=torch.bool)  # waiting: [R], rows whose step was rejected, for the target to write
 
     while len(rows):
@@ -363,12 +453,20 @@ def rsd_decode(
 
         if sched.run_target(int(waiting.sum()), int((~waiting).sum())):
             # 4. rejected steps: the target writes y_i ~ M(· | z_i) after catching up on the accepted drafts
-            y, _, stop = decode_step(M, ctx, waiting, budget, s, rules)
+            if speculative:  # verifying the rejected step first, then the draft's proposals (greedy: exact)
+                proposals = [
+                    rejected_steps.pop(int(i), []) if w else [] for i, w in zip(rows, waiting.tolist(), strict=True)
+                ]
+                y = speculative_step(m, M, ctx, waiting, budget, s, rules, proposals, o.speculative)
+                stop = torch.zeros(R, dtype=torch.bool)
+            else:
+                y, _, stop = decode_step(M, ctx, waiting, budget, s, rules)
             sched.done("target", t0)
             for j in waiting.nonzero().flatten().tolist():
                 i, text = int(rows[j]), o.tokenizer.decode(y[j], skip_special_tokens=True)
                 stats.steps[i].append(Step(text, len(y[j]), "target", None, True))
-                m.pending[j] = y[j]  # the draft catches up with its next step
+                if not speculative:
+                    m.pending[j] = y[j]  # the draft catches up with its next step
                 prm.replace(j, text)
                 done[j] = _commit(out[i], y[j], bool(stop[j]), stats.steps[i], eos, max_new, o)
             waiting[:] = False
@@ -407,6 +505,8 @@ def rsd_decode(
                 if accepted[j]:
                     M.pending[j] += y_hat[j]  # the target catches up when it is next called
                     done[j] = _commit(out[i], y_hat[j], bool(stop_hat[j]), stats.steps[i], eos, max_new, o)
+                elif speculative:
+                    rejected_steps[i] = y_hat[j]  # the target's first proposal
             waiting |= rejected
 
         keep = (~done).nonzero().flatten()  # keep: [R']

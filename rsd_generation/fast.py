@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .kv import RowCache, cache_kwarg, causal_lm_forward, hidden_forward
+from .kv import RowCache, cache_kwarg, causal_lm_forward, hidden_forward, last_positions, pick_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
 MODES = ("auto", "off", "static", "graphs", "compile")
@@ -169,9 +169,9 @@ class StaticRowCache(RowCache):
         return int(self._padded)
 
     @torch.no_grad()  # inference only: an in-place write of a grad-carrying key would chain every forward's graph
-    def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """Append one chunk `(R, L)` (right-padded per row, `valid` marks real tokens); outputs `(R, X)` at each
-        row's last valid token."""
+        row's last valid token, or `(R, window, X)` at its last `window` ones (as `RowCache.feed`; run eagerly)."""
         L = ids.shape[1]
         dev = self.device
         width = next((b for b in BUCKETS if b >= L), L) if self.graphs else L
@@ -192,7 +192,7 @@ class StaticRowCache(RowCache):
         pos = seen[:, None] + torch.arange(width, device=dev)  # pos: [B, W]
         pos = torch.minimum(pos, (seen + n - 1).clamp_min(0)[:, None])  # padding repeats the last position
         self.colmask[:, self.cursor : self.cursor + width] = ok
-        out = self._run(x, pos, self.cursor, (n - 1).clamp_min(0))  # out: [B, X]
+        out = self._run(x, pos, self.cursor, last_positions(n, window))  # out: [B, X] or [B, window, X]
         self.cursor += L
         self._slot_tokens += n
         self._padded += self.batch_size * width - n.sum()
@@ -286,7 +286,8 @@ class StaticRowCache(RowCache):
         self._compiled = None
 
     def _body(self, ids: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """One forward of a `(B, W)` chunk written at columns `cols` `(W,)`: the output at `last` `(B,)`."""
+        """One forward of a `(B, W)` chunk written at columns `cols` `(W,)`: the output at `last` (`(B,)` or
+        `(B, K)`)."""
         self.kv.cols = cols
         c = torch.arange(self.kv.capacity, device=cols.device)  # c: [C]
         allowed = self.colmask[:, None, :] & (c <= cols[:, None])  # allowed: [B, W, C], causal over valid columns
@@ -296,12 +297,12 @@ class StaticRowCache(RowCache):
         kw = {self.cache_kwarg: self.kv}
         hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         hidden = hidden.last_hidden_state  # hidden: [B, W, H]
-        return self.head(hidden[torch.arange(len(last), device=last.device), last])
+        return self.head(pick_rows(hidden, last))
 
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor) -> torch.Tensor:
         """Run a chunk: replay (capturing on first use) when graphs are on, else eagerly."""
         width = ids.shape[1]
-        if not self.graphs or width not in BUCKETS:
+        if not self.graphs or width not in BUCKETS or last.dim() == 2:
             return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last)
         if width not in self._captured:
             return self._capture(ids, pos, start, last)

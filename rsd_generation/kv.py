@@ -63,15 +63,17 @@ class RowCache:
         return self.mask.shape[1]
 
     @torch.no_grad()  # inference only, also when called outside generate
-    def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """Append one chunk to every row and return the output at each row's last valid token.
 
         Args:
             ids (`torch.LongTensor` of shape `(R, L)`): the chunk, right-padded per row.
             valid (`torch.BoolTensor` of shape `(R, L)`): which chunk positions are real tokens; a row's valid
                 positions come first. Rows with none get garbage outputs.
+            window (`int`, *optional*): return the outputs at each row's last `window` valid tokens instead (for
+                verifying a proposal), `(R, window, X)`; entry `w` is position `n - window + w` of the row's chunk.
         Returns:
-            `torch.Tensor` of shape `(R, X)`.
+            `torch.Tensor` of shape `(R, X)` (or `(R, window, X)`).
         """
         valid = valid.to(self.device)
         ids = torch.where(valid, ids.to(self.device), self.pad_token_id)  # ids: [R, L]
@@ -80,7 +82,7 @@ class RowCache:
         pos = torch.minimum(pos, (self.mask.sum(1) + n - 1).clamp_min(0)[:, None])  # pads repeat the last position
         mask = torch.cat([self.mask, valid.long()], 1)  # mask: [R, T + L]
         cache_position = torch.arange(self.length, mask.shape[1], device=self.device)  # [L]
-        last = (n - 1).clamp_min(0)  # last: [R]
+        last = last_positions(n, window)  # last: [R] or [R, window]
         total = int(n.sum())
         self.dense = self.dense and total == ids.numel()
         out = self.forward(
@@ -179,6 +181,20 @@ def pad_right(chunks: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch
     return ids, valid
 
 
+def last_positions(n: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Chunk positions to read outputs at: each row's last valid one `(R,)`, or its last `window` ones
+    `(R, window)` (clamped at 0), given the valid counts `n` `(R,)`."""
+    if window is None:
+        return (n - 1).clamp_min(0)
+    return (n[:, None] - window + torch.arange(window, device=n.device)).clamp_min(0)
+
+
+def pick_rows(out: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """`out` `(R, L, X)` at positions `last` (`(R,)` -> `(R, X)`; `(R, W)` -> `(R, W, X)`)."""
+    rows = torch.arange(len(last), device=last.device)
+    return out[rows, last] if last.dim() == 1 else out[rows[:, None], last]
+
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The keyword a model's forward takes its KV cache under: `cache` (transformers 5.24 on; `past_key_values`
     is deprecated there) or `past_key_values` (earlier releases)."""
@@ -197,12 +213,12 @@ def causal_lm_forward(model) -> Forward:
 
     def forward(last: torch.Tensor, cache, **inputs) -> torch.Tensor:
         inputs[name] = cache
-        if inputs["input_ids"].shape[1] == 1:
+        if inputs["input_ids"].shape[1] == 1 and last.dim() == 1:
             logits = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, 0]  # logits: [R, V]
         else:
             keep = torch.unique(last)  # keep: [K], sorted
             logits = model(**inputs, use_cache=True, logits_to_keep=keep).logits  # logits: [R, K, V]
-            logits = logits[torch.arange(len(last), device=last.device), torch.searchsorted(keep, last)]
+            logits = pick_rows(logits, torch.searchsorted(keep, last))  # logits: [R, V] or [R, W, V]
         return logits.float()
 
     return forward
@@ -214,6 +230,6 @@ def hidden_forward(backbone) -> Forward:
 
     def forward(last: torch.Tensor, cache, **inputs) -> torch.Tensor:
         hidden = backbone(**inputs, **{name: cache}, use_cache=True).last_hidden_state  # hidden: [R, L, H]
-        return hidden[torch.arange(len(last), device=last.device), last]
+        return pick_rows(hidden, last)
 
     return forward

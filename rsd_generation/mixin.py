@@ -26,6 +26,7 @@ RSD_KWARGS = (
     "rsd_fast_path",
     "rsd_schedule",
     "rsd_max_batch_size",
+    "rsd_speculative",
 )
 # vocabularies that differ by at most this many rows are taken as one tokenizer with padded embeddings
 MAX_VOCAB_PADDING = 1024
@@ -64,6 +65,10 @@ class RSDGenerationMixin(GenerationMixin):
                 by measured tick times). Outputs do not depend on it (greedy); speed does.
             rsd_max_batch_size (`int`, *optional*): decode at most this many rows at once; the other prompts wait
                 in a queue and take the place of rows that finish (outputs keep the prompts' order).
+            rsd_speculative (`int`, default 0): γ > 0 regenerates rejected steps by speculative decoding (paper §4):
+                the target verifies the rejected step in one forward and keeps the prefix it agrees with, then the
+                draft proposes γ tokens at a time. Greedy decoding without logits processors or user stopping
+                criteria only (otherwise the target writes alone); the tokens are the same either way.
             kwargs: everything `GenerationMixin.generate` takes (`tokenizer` is required with `reward_model`).
         Returns:
             `RSDGenerateOutput` (`sequences`, `rsd_stats`) with `return_dict_in_generate=True`, else the sequences.
@@ -137,6 +142,9 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1
     ):
         raise ValueError(f"rsd_max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
+    speculative = rsd.get("rsd_speculative", 0)
+    if not isinstance(speculative, int) or isinstance(speculative, bool) or speculative < 0:
+        raise ValueError(f"rsd_speculative must be an int >= 0 (γ, 0: off), got {speculative!r}")
     reward_prompts = rsd.get("reward_prompts")
     if reward_prompts is not None and (
         isinstance(reward_prompts, str) or not all(isinstance(p, str) for p in reward_prompts)
@@ -159,6 +167,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         fast_path=rsd.get("rsd_fast_path", "auto"),
         schedule=schedule,
         max_batch_size=max_batch_size,
+        speculative=speculative,
     )
 
 
