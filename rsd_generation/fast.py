@@ -30,6 +30,7 @@ from torch import nn
 from .kv import RowCache, cache_kwarg, causal_lm_forward, hidden_forward, last_positions, pick_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
+MAX_GRAPH_WINDOW = 16  # output windows (speculative verification) captured up to this many positions; wider: eager
 MODES = ("auto", "off", "static", "graphs", "compile")
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a plain head: the graph's assumptions
 COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile keywords for the one-token forward ("compile" mode)
@@ -192,7 +193,10 @@ class StaticRowCache(RowCache):
         pos = seen[:, None] + torch.arange(width, device=dev)  # pos: [B, W]
         pos = torch.minimum(pos, (seen + n - 1).clamp_min(0)[:, None])  # padding repeats the last position
         self.colmask[:, self.cursor : self.cursor + width] = ok
-        out = self._run(x, pos, self.cursor, last_positions(n, window))  # out: [B, X] or [B, window, X]
+        wide = window if window is None or not self.graphs else next((b for b in BUCKETS if b >= window), window)
+        out = self._run(x, pos, self.cursor, last_positions(n, wide))  # out: [B, X] or [B, wide, X]
+        if window is not None:
+            out = out[:, wide - window :]  # out: [B, window, X], the last `window` positions
         self.cursor += L
         self._slot_tokens += n
         self._padded += self.batch_size * width - n.sum()
@@ -302,11 +306,12 @@ class StaticRowCache(RowCache):
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor) -> torch.Tensor:
         """Run a chunk: replay (capturing on first use) when graphs are on, else eagerly."""
         width = ids.shape[1]
-        if not self.graphs or width not in BUCKETS or last.dim() == 2:
+        key = width if last.dim() == 1 else (width, last.shape[1])  # a window of outputs: captured per window too
+        if not self.graphs or width not in BUCKETS or (last.dim() == 2 and last.shape[1] > MAX_GRAPH_WINDOW):
             return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last)
-        if width not in self._captured:
-            return self._capture(ids, pos, start, last)
-        graph, buf, out = self._captured[width]
+        if key not in self._captured:
+            return self._capture(ids, pos, start, last, key)
+        graph, buf, out = self._captured[key]
         buf["ids"].copy_(ids)
         buf["pos"].copy_(pos)
         buf["cols"].fill_(start).add_(buf["steps"])
@@ -314,14 +319,15 @@ class StaticRowCache(RowCache):
         graph.replay()
         return out.clone()
 
-    def _capture(self, ids, pos, start: int, last) -> torch.Tensor:
-        """Capture the forward at this chunk's width (warm-up runs compute the real chunk) and return its output."""
+    def _capture(self, ids, pos, start: int, last, key) -> torch.Tensor:
+        """Capture the forward at this chunk's width (and output window; `key`) (warm-up runs compute the real
+        chunk) and return its output."""
         t0 = time.perf_counter()
         width = ids.shape[1]
         steps = torch.arange(width, device=self.device)
         buf = {"ids": ids.clone(), "pos": pos.clone(), "cols": steps + start, "last": last.clone(), "steps": steps}
         fn = self._body
-        if width == 1 and self.compile_decode:
+        if width == 1 and last.dim() == 1 and self.compile_decode:
             if self._compiled is None:
                 self._compiled = torch.compile(self._body, **COMPILE_OPTIONS)
             fn = self._compiled
@@ -346,7 +352,7 @@ class StaticRowCache(RowCache):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             static_out = fn(*args)
-        self._captured[width] = (graph, buf, static_out)
+        self._captured[key] = (graph, buf, static_out)
         graph.replay()  # this chunk's K/V and output from the graph's own kernels (cuBLAS may choose other ones
         torch.cuda.synchronize(self.device)  # under capture), so a width gives the same numbers on every use
         self.capture_seconds += time.perf_counter() - t0

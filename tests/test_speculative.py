@@ -2,16 +2,17 @@
 in fewer target forwards when draft and target agree."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import PROMPTS, encode, median_reward, rsd_generate
-from rsd_generation.benchmarks.cli import TOY, prompts_for
-from rsd_generation.benchmarks.datasets import load_toy_dataset
+from rsd_generation.benchmarks.toy import task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rsd_generation as rsd
 
+TOY = Path(task.__file__).parent / "models"  # the shipped toy models (no benchmark extras needed)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["off", "static", pytest.param("graphs", marks=pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU"))]
 MORE = [*PROMPTS, "99-8*7=", "4+4+4+4="]
@@ -54,7 +55,7 @@ def test_trained_toy_models_agree_so_the_target_runs_far_less():
     target = rsd.with_rsd(AutoModelForCausalLM.from_pretrained(TOY / "target").eval())
     draft = AutoModelForCausalLM.from_pretrained(TOY / "draft").eval()
     prm = rsd.load_reward_model(TOY / "prm-small")
-    prompts, problems = prompts_for(load_toy_dataset(seed=7, n=16), tok)
+    prompts = problems = [p.prompt.strip() + task.SEPARATOR for p in task.problems(7, 16)]  # as rsd-bench prompts
     enc = tok(prompts, return_tensors="pt", padding=True)
     kw = dict(tokenizer=tok, assistant_model=draft, reward_model=prm, rsd_max_step_tokens=48, max_new_tokens=160,
               do_sample=False, return_dict_in_generate=True, reward_prompts=problems)  # fmt: skip
