@@ -4,6 +4,7 @@ from .decoding import RSDGenerateOutput, rsd_decode
 from .fast import release_fast_caches
 from .mixin import RSDGenerationMixin, with_rsd
 from .rewards import QwenPRM, RewardModel, SequenceClassificationRM, ValueHeadPRM, detect_kind, load_reward_model
+from .speculative import speculative_generate
 from .stats import RSDStats, Step
 from .weighting import WEIGHTINGS, accept, binary, clip, constant, get_weighting, logistic, sigmoidal
 
@@ -28,5 +29,6 @@ __all__ = [
     "release_fast_caches",
     "rsd_decode",
     "sigmoidal",
+    "speculative_generate",
     "with_rsd",
 ]

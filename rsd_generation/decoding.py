@@ -69,7 +69,7 @@ class Sampling:
 class StepRules:
     """When a step (and the row) ends, besides EOS."""
 
-    separator: StepSeparator
+    separator: StepSeparator | None  # None: no step boundary (plain decoding)
     max_step_tokens: int
     user: StoppingCriteriaList
 
@@ -253,7 +253,8 @@ def decode_step(
         step = torch.cat([step, tok[:, None]], 1)
         n += alive.long()
         ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
-        ended |= rules.separator(step, scores, sync=not ahead)
+        if rules.separator is not None:
+            ended |= rules.separator(step, scores, sync=not ahead)
         if len(rules.user):
             hit = _per_row(rules.user, groups, step, scores, torch.zeros_like(alive))
             user_stop |= alive & hit
@@ -271,6 +272,23 @@ def decode_step(
         if sel:
             cache.pending[i] = steps[i][-1:]
     return steps, start, user_stop.cpu()
+
+
+def sampling(generation_config: GenerationConfig, processors: LogitsProcessorList, generator, *models) -> Sampling:
+    """How the policies pick tokens, from `generate`'s config and processors (EOS and pad as `generate` sets them;
+    only the vocabulary all `models` share is picked from)."""
+    eos = torch.tensor(_token_ids(generation_config.eos_token_id), dtype=torch.long)  # eos: [E]
+    pad_ids = _token_ids(generation_config.pad_token_id)
+    pad = pad_ids[0] if pad_ids else (int(eos[0]) if len(eos) else 0)  # generate's choice: the first EOS
+    vocab = min(_vocab_size(model) for model in models)
+    return Sampling(processors, generation_config.do_sample, generator, vocab, eos, pad)
+
+
+def user_criteria(stopping_criteria: StoppingCriteriaList) -> StoppingCriteriaList:
+    """The user's stopping criteria (the length and EOS criteria `generate` adds are handled by the loop)."""
+    return StoppingCriteriaList(
+        [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    )
 
 
 def _token_ids(ids) -> list[int]:
@@ -302,7 +320,8 @@ def speculative_step(
     the target's cache with its last token queued; the draft owes the tokens of the last verification.
 
     Args:
-        m, M (`RowCache`): the draft's and the target's caches; the draft holds the context, nothing of the step.
+        m, M (`RowCache`): the draft's and the target's caches, their queues set (the draft owes what it lacks of
+            the context; the target its catch-up).
         rows (`torch.BoolTensor` of shape `(R,)`): rows that write a step.
         budget (`torch.LongTensor` of shape `(R,)`): new tokens each row may still generate (>= 1 where selected).
         proposals (`list[list[int]]`): per row, the first proposal (the rejected draft step).
@@ -314,9 +333,6 @@ def speculative_step(
     alive = rows.tolist()
     step: list[list[int]] = [[] for _ in range(R)]
     prop = [list(p[: limit[j]]) if alive[j] else [] for j, p in enumerate(proposals)]
-    for j in range(R):
-        if alive[j]:
-            m.pending[j] = []
     while any(alive):
         # the target verifies: its queue, then the proposal, in one forward; logits at the proposal's positions
         chunks = [M.pending[j] + prop[j] if alive[j] else [] for j in range(R)]
@@ -359,8 +375,10 @@ def speculative_step(
     return step
 
 
-def _ends_with_separator(separator: StepSeparator, step: list[int]) -> bool:
+def _ends_with_separator(separator: StepSeparator | None, step: list[int]) -> bool:
     """Whether a step's text now ends in the separator (the prefilter on the last token first)."""
+    if separator is None:
+        return False
     last = step[-1]
     if last < len(separator.may_end) and not bool(separator.may_end[last]):
         return False
@@ -403,19 +421,10 @@ def rsd_decode(
     _check_config(generation_config, attention_mask, B, o)
     prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
     max_new = generation_config.max_length - P
-    eos = torch.tensor(_token_ids(generation_config.eos_token_id), dtype=torch.long)  # eos: [E]
-    pad_ids = _token_ids(generation_config.pad_token_id)
-    pad = pad_ids[0] if pad_ids else (int(eos[0]) if len(eos) else 0)  # generate's choice: the first EOS
-    s = Sampling(
-        logits_processor,
-        generation_config.do_sample,
-        o.generator,
-        min(_vocab_size(target), _vocab_size(draft)),
-        eos,
-        pad,
-    )
-    user = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    rules = StepRules(step_separator(o.tokenizer, o.separator), o.max_step_tokens, StoppingCriteriaList(user))
+    s = sampling(generation_config, logits_processor, o.generator, target, draft)
+    eos, pad = s.eos, s.pad
+    user = user_criteria(stopping_criteria)
+    rules = StepRules(step_separator(o.tokenizer, o.separator), o.max_step_tokens, user)
     problems = (
         list(o.reward_prompts)
         if o.reward_prompts is not None
@@ -457,6 +466,8 @@ def rsd_decode(
                 proposals = [
                     rejected_steps.pop(int(i), []) if w else [] for i, w in zip(rows, waiting.tolist(), strict=True)
                 ]
+                for j in waiting.nonzero().flatten().tolist():
+                    m.pending[j] = []  # the draft holds the context (its rejected step left its cache)
                 y = speculative_step(m, M, ctx, waiting, budget, s, rules, proposals, o.speculative)
                 stop = torch.zeros(R, dtype=torch.bool)
             else:

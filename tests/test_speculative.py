@@ -85,3 +85,40 @@ def test_a_bad_gamma_is_refused_with_the_value_named(qwen_pair, prm, tok, bad):
     target, draft = qwen_pair
     with pytest.raises(ValueError, match=f"rsd_speculative must be an int >= 0 .* got {bad!r}"):
         rsd_generate(target, draft, prm, tok, PROMPTS, rsd_speculative=bad)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_batched_speculative_decoding_gives_the_targets_tokens(qwen_pair, tok, path, gamma):
+    target, draft = qwen_pair
+    if path == "graphs":
+        target, draft = (copy.deepcopy(m).to("cuda") for m in qwen_pair)
+    enc = encode(tok, MORE).to(target.device)
+    early = int(target.generate(**enc, max_new_tokens=4, do_sample=False)[0, -2])  # as EOS: rows end apart
+    for kw in (dict(), dict(eos_token_id=early)):
+        expected = target.generate(**enc, max_new_tokens=24, do_sample=False, **kw)
+        out = rsd.speculative_generate(target, draft, **enc, gamma=gamma, fast_path=path, max_new_tokens=24,
+                                       do_sample=False, return_dict_in_generate=True, **kw)  # fmt: skip
+        assert torch.equal(out.sequences, expected)
+        assert out.rsd_stats["forward_calls"]["target"] <= 24 + 1
+
+
+def test_batched_speculative_decoding_on_trained_toy_models_needs_few_target_forwards():
+    tok = AutoTokenizer.from_pretrained(TOY / "target", padding_side="left")
+    target = AutoModelForCausalLM.from_pretrained(TOY / "target").eval()
+    draft = AutoModelForCausalLM.from_pretrained(TOY / "draft").eval()
+    prompts = [p.prompt.strip() + task.SEPARATOR for p in task.problems(11, 16)]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    expected = target.generate(**enc, max_new_tokens=120, do_sample=False)
+    out = rsd.speculative_generate(target, draft, **enc, gamma=4, max_new_tokens=120, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert out.rsd_stats["forward_calls"]["target"] * 3 < expected.shape[1] - enc["input_ids"].shape[1]
+
+
+def test_batched_speculative_decoding_refuses_bad_input(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    enc = encode(tok, PROMPTS)
+    with pytest.raises(ValueError, match=r"gamma must be an int >= 1 .* got 0"):
+        rsd.speculative_generate(target, draft, **enc, gamma=0)
+    with pytest.raises(ValueError, match="draft must be a causal LM with an output head, got Qwen2Model"):
+        rsd.speculative_generate(target, prm.backbone, **enc)
