@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     bar = tqdm(total=len(todo), desc="rsd-bench", unit="question", disable=None)
     for setting in settings:
         idx = [i for s, i in todo if s == setting]
-        size = 1 if setting.method == "sd" else args.batch_size * (args.queue if setting.method == "rsd" else 1)
+        size = args.batch_size * (args.queue if setting.method == "rsd" else 1)
         for k in range(0, len(idx), size):
             chunk = idx[k : k + size]
             bar.set_postfix_str(setting.name)

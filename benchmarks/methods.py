@@ -11,10 +11,9 @@ sample or candidate step. RSD and speculative decoding are charged what they act
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -134,28 +133,6 @@ def sample(model, tok, prompts: list[str], n: int, do_sample: bool, temperature:
     return out, enc["attention_mask"].sum(1).tolist()
 
 
-@contextlib.contextmanager
-def count_forwards(*models) -> Iterator[list[dict]]:
-    """Count forward calls and input positions of each model while the block runs (for assisted generation)."""
-    counts = [{"calls": 0, "positions": 0} for _ in models]
-    hooks = []
-    for model, c in zip(models, counts, strict=True):
-
-        def hook(module, args, kwargs, c=c):
-            x = kwargs.get("input_ids", args[0] if args else None)
-            if x is None:
-                x = kwargs["inputs_embeds"][..., 0]
-            c["calls"] += 1
-            c["positions"] += x.numel()
-
-        hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield counts
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def split(text: str, sep: str) -> list[str]:
     """A response's steps (the separator kept on all but the last), empty pieces dropped."""
     parts = text.split(sep)
@@ -179,21 +156,30 @@ def run_plain(models: Models, setting: Setting, batch: Batch) -> list[dict]:
     return out
 
 
+SD_GAMMA = 4  # tokens the draft proposes per target forward in speculative decoding
+
+
 def run_sd(models: Models, setting: Setting, batch: Batch) -> list[dict]:
-    """Speculative decoding: transformers' assisted generation with the draft (one question at a time)."""
+    """Speculative decoding, batched: `rsd.speculative_generate` with the draft (greedy: the target's own tokens;
+    with `do_sample` the target samples alone, at temperature 1)."""
+    tok, target = models.tokenizer, models.target
+    enc = encode(tok, batch.prompts, _device(target))
+    torch.manual_seed(batch.seed)
+    extra = {"temperature": 1.0, "top_p": 1.0, "top_k": 0} if models.do_sample else {}
+    res = rsd.speculative_generate(
+        target, models.draft, **enc, gamma=SD_GAMMA, max_new_tokens=models.max_new_tokens,
+        do_sample=models.do_sample, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, **extra,
+    )  # fmt: skip
+    st, eos = res.rsd_stats, _eos(target, tok)
+    new = res.sequences[:, enc["input_ids"].shape[1] :].tolist()
     out = []
-    for prompt in batch.prompts:
-        torch.manual_seed(batch.seed)
-        with count_forwards(models.draft, models.target) as (d, t):
-            new, _ = sample(
-                models.target, models.tokenizer, [prompt], 1, models.do_sample, 1.0, models.max_new_tokens,
-                assistant_model=models.draft,
-            )  # fmt: skip
-        ids = new[0][0]
-        # each draft forward proposes one token; each target forward verifies a block at once (one decode step)
-        c = costs(n_params(models), {"draft": d["positions"], "target": t["positions"]},
-                  {"draft": d["calls"], "target": t["calls"]})  # fmt: skip
-        out.append({"response": models.tokenizer.decode(ids, skip_special_tokens=True), "new_tokens": len(ids), **c})
+    for j, row in enumerate(new):
+        ids = trim(row, eos)
+        positions = {k: v[j] for k, v in st["row_forward_tokens"].items()}
+        # decode FLOPs: one target forward verifies a block (one decode step); each proposed token one draft step
+        generated = {"target": st["row_target_forwards"][j], "draft": st["row_draft_tokens"][j]}
+        c = costs(n_params(models), positions, {k: v for k, v in generated.items() if k in positions})
+        out.append({"response": tok.decode(ids, skip_special_tokens=True), "new_tokens": len(ids), **c})
     return out
 
 

@@ -278,6 +278,12 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
         _, times["target_generate_static"], _ = timed(
             lambda: target.generate(**enc, **fixed, cache_implementation="static"), RB
         )
+    if not args.no_sd:  # our batched speculative decoding, on the first measured path: what a user could pick instead
+        sd_mode = args.modes[0]
+        _, row["sd_seconds"], _ = timed(
+            lambda: rsd.speculative_generate(target, draft, **enc, **fixed, gamma=args.gamma, fast_path=sd_mode), RB
+        )
+        row["sd_mode"], row["sd_gamma"] = sd_mode, args.gamma
     row["target_only_seconds"] = times
     best = min((k for k in times if k != "assisted_generation"), key=times.get)
     row["best_target_only"] = best
@@ -285,6 +291,8 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
         for r in v.get("rsd", {}).values():
             r["speedup_vs_best_target_only"] = times[best] / r["seconds"]
             r["speedup_vs_target_generate_eager"] = times["target_generate_eager"] / r["seconds"]
+            if "sd_seconds" in row:
+                r["speedup_vs_sd"] = row["sd_seconds"] / r["seconds"]
             if "target_generate_static" in times:
                 r["speedup_vs_target_generate_static"] = times["target_generate_static"] / r["seconds"]
     row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -313,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-static", action="store_true", help="skip target.generate with a static (compiled) cache")
     ap.add_argument("--no-assisted", action="store_true", help="skip transformers assisted generation")
     ap.add_argument("--no-rsd", action="store_true", help="per-component times only")
+    ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
+    ap.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per target forward in SD")
     ap.add_argument(
         "--schedules",
         nargs="+",

@@ -310,6 +310,7 @@ def speculative_step(
     rules: StepRules,
     proposals: list[list[int]],
     gamma: int,
+    work: dict[str, list[int]] | None = None,
 ) -> list[list[int]]:
     """Let the target write one step for the selected rows by speculative decoding (greedy, paper §4).
 
@@ -325,6 +326,8 @@ def speculative_step(
         rows (`torch.BoolTensor` of shape `(R,)`): rows that write a step.
         budget (`torch.LongTensor` of shape `(R,)`): new tokens each row may still generate (>= 1 where selected).
         proposals (`list[list[int]]`): per row, the first proposal (the rejected draft step).
+        work (`dict`, *optional*): filled per row with `"verifications"` (target forwards the row took part in)
+            and `"proposed"` (tokens the draft proposed for it), for cost accounting.
     Returns:
         the step tokens per row (empty for unselected rows).
     """
@@ -333,6 +336,8 @@ def speculative_step(
     alive = rows.tolist()
     step: list[list[int]] = [[] for _ in range(R)]
     prop = [list(p[: limit[j]]) if alive[j] else [] for j, p in enumerate(proposals)]
+    if work is not None:
+        work.update(verifications=[0] * R, proposed=[0] * R)
     while any(alive):
         # the target verifies: its queue, then the proposal, in one forward; logits at the proposal's positions
         chunks = [M.pending[j] + prop[j] if alive[j] else [] for j in range(R)]
@@ -359,6 +364,8 @@ def speculative_step(
                 if k == len(prop[j]) or tok != prop[j][k]:
                     break
             verified[j], keep[j] = True, first[j] + len(new) - 1
+            if work is not None:
+                work["verifications"][j] += 1
             M.pending[j] = [new[-1]]  # the step's last token stays queued
             m.pending[j] += new  # the draft catches up on what the target wrote
         M.drop_from(verified, keep)  # proposal tokens past the agreed prefix leave the target's cache
@@ -368,6 +375,9 @@ def speculative_step(
         going = torch.tensor(alive)
         left = torch.tensor([limit[j] - len(step[j]) for j in range(R)])  # left: [R]
         prop, start, _ = decode_step(m, ctx, going, left, s, StepRules(rules.separator, gamma, rules.user))
+        if work is not None:
+            for j in range(R):
+                work["proposed"][j] += len(prop[j])
         m.drop_from(going, torch.full((R,), start))  # proposals leave the draft's cache; kept tokens come back
         for j in range(R):
             if alive[j]:

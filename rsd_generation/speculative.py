@@ -33,7 +33,8 @@ def speculative_generate(
         fast_path (`str` or `bool`): as `rsd_fast_path`.
     Returns:
         the sequences `(B, P + N)`, or with `return_dict_in_generate=True` an `RSDGenerateOutput` whose `rsd_stats`
-        hold `forward_calls`, `forward_tokens` and `num_parameters` per model.
+        hold `forward_calls`, `forward_tokens` and `num_parameters` per model, and per row `row_forward_tokens`
+        (per model), `row_target_forwards` and `row_draft_tokens`.
     """
     if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
         raise ValueError(f"gamma must be an int >= 1 (tokens proposed per target forward), got {gamma!r}")
@@ -70,13 +71,14 @@ def sd_decode(
     M.pending = [list(p) for p in prompts]
     ctx = RowIds(input_ids.cpu(), s.pad)
     rows, budget = torch.ones(B, dtype=torch.bool), torch.full((B,), max_new)
-    m = None
+    m, work = None, {}
     if s.do_sample or len(s.processors) or len(rules.user):  # not verifiable token by token here: target alone
         new, _, _ = decode_step(M, ctx, rows, budget, s, rules)
+        work = {"verifications": [len(y) for y in new], "proposed": [0] * B}  # one target forward per token
     else:
         m = row_cache(draft, "draft", B, s.pad, fast_mode(fast_path, draft), capacity)
         m.pending = [list(p) for p in prompts]
-        new = speculative_step(m, M, ctx, rows, budget, s, rules, [[] for _ in range(B)], gamma)
+        new = speculative_step(m, M, ctx, rows, budget, s, rules, [[] for _ in range(B)], gamma, work)
     out, _ = pad_right(new, s.pad)  # out: [B, N], rows that ended early right-padded as in HF
     sequences = torch.cat([input_ids, out.to(input_ids.device)], 1)  # sequences: [B, P + N]
     if not generation_config.return_dict_in_generate:
@@ -86,5 +88,9 @@ def sd_decode(
         "forward_calls": {k: c.forward_calls for k, c in caches.items()},
         "forward_tokens": {k: c.forward_tokens for k, c in caches.items()},
         "num_parameters": {"draft": draft.num_parameters(), "target": model.num_parameters()},
+        # per row: positions each model processed, target forwards it took part in, draft tokens proposed for it
+        "row_forward_tokens": {k: c.row_tokens.tolist() for k, c in caches.items()},
+        "row_target_forwards": work["verifications"],
+        "row_draft_tokens": work["proposed"],
     }
     return RSDGenerateOutput(sequences=sequences, rsd_stats=stats)

@@ -142,6 +142,20 @@ def test_rsd_records_do_not_depend_on_the_schedule_or_a_queue(tmp_path, how):
     assert records["plain"] == records["other"] and len(records["plain"]) == 12  # 6 problems, two PRMs
 
 
+def test_sd_is_batched_and_gives_the_targets_responses(tmp_path):
+    out = tmp_path / "sd"
+    cli.main([*QUICK, "--num-problems", "6", "--batch-size", "3", "--methods", "target", "sd", "--output", str(out)])
+    records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    by = {(r["method"], r["id"]): r for r in records}
+    ids = sorted({r["id"] for r in records})
+    assert len(ids) == 6
+    for i in ids:
+        target, sd = by["target", i], by["sd", i]
+        assert sd["response"] == target["response"]  # greedy speculative decoding is lossless
+        assert sd["decode_flops"]["target"] < target["decode_flops"]["target"]  # fewer target forwards than tokens
+        assert sd["decode_flops"]["draft"] > 0
+
+
 def test_cli_runs_every_method_on_the_toy_models(tmp_path):
     out = tmp_path / "all"
     args = [*QUICK, "--num-problems", "2", "--methods", *cli.ALL_METHODS, "--n", "2", "--beams", "2",

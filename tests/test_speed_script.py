@@ -16,6 +16,7 @@ def test_speed_script_writes_its_results(tmp_path):
     rsd = row["modes"]["static"]["rsd"]
     assert rsd["accept80"]["acceptance_rate"] == 0.8 and rsd["accept50"]["acceptance_rate"] == 0.5  # seed 16
     assert set(rsd) == {"accept80", "accept50", "accept80-schedule-2", "accept50-schedule-2"}
+    assert row["sd_seconds"] > 0 and rsd["accept80"]["speedup_vs_sd"] == row["sd_seconds"] / rsd["accept80"]["seconds"]
     rsd2 = row2["modes"]["static"]["rsd"]
     assert rsd2["accept80-schedule-2"]["schedule"] == 2 and rsd2["accept80"]["ticks"]["draft"] > 0
     for r in rsd.values():
