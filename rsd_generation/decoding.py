@@ -11,9 +11,13 @@ import torch
 from transformers import (
     GenerationConfig,
     LogitsProcessorList,
+    MinPLogitsWarper,
     PreTrainedModel,
     StoppingCriteriaList,
     StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -212,14 +216,44 @@ def _pick(scores: torch.Tensor, s: Sampling) -> torch.Tensor:
     """Greedy or multinomial choice, as `GenerationMixin._sample` does it: `(R, V)` -> `(R,)`."""
     if not s.do_sample:
         return scores.argmax(-1)
-    probs = torch.softmax(scores, -1)  # probs: [R, V]
-    if s.generator is not None and s.generator.device.type != probs.device.type:  # e.g. a CPU generator, GPU model
-        return torch.multinomial(probs.to(s.generator.device), 1, generator=s.generator).squeeze(1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=s.generator).squeeze(1)
+    return _draw(torch.softmax(scores, -1), s.generator)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One sample per row of `probs` `(R, V)`, drawn where the generator lives (e.g. a CPU generator, GPU model)."""
+    if generator is not None and generator.device.type != probs.device.type:
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    """One draw of U(0, 1) from the generator (the global one when None)."""
+    return float(torch.rand((), generator=generator, device=generator.device if generator is not None else "cpu"))
+
+
+# logits processors that depend on the scores alone, not on the ids: applied at once to a window of verified
+# positions in speculative sampling
+SCORE_ONLY = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+
+
+def speculation_possible(s: Sampling, rules: StepRules) -> bool:
+    """Whether `speculative_step` can verify token by token: no user stopping criterion, and under greedy no logits
+    processor, under sampling only processors that read the scores alone (temperature, top-k, top-p, min-p)."""
+    if len(rules.user):
+        return False
+    if not s.do_sample:
+        return not len(s.processors)
+    return all(isinstance(p, SCORE_ONLY) for p in s.processors)
 
 
 def decode_step(
-    cache: RowCache, ctx: RowIds, rows: torch.Tensor, budget: torch.Tensor, s: Sampling, rules: StepRules
+    cache: RowCache,
+    ctx: RowIds,
+    rows: torch.Tensor,
+    budget: torch.Tensor,
+    s: Sampling,
+    rules: StepRules,
+    probs: list[torch.Tensor] | None = None,
 ) -> tuple[list[list[int]], int, torch.Tensor]:
     """Let one policy write one step for the selected rows (others only carry masked padding).
 
@@ -231,6 +265,7 @@ def decode_step(
         ctx (`RowIds`): the prompts and committed tokens, for logits processors and stopping criteria.
         rows (`torch.BoolTensor` of shape `(R,)`): rows that write a step.
         budget (`torch.LongTensor` of shape `(R,)`): new tokens each row may still generate (>= 1 where selected).
+        probs (`list`, *optional*): under sampling, receives the distribution `(R, V)` each token was drawn from.
     Returns:
         the step tokens per row (empty for unselected rows), the first cache column of the step (for rollback),
         and `(R,)` bools: the step ended by a user stopping criterion.
@@ -249,6 +284,8 @@ def decode_step(
         scores = logits[:, : s.vocab]  # scores: [R, V]
         if len(s.processors):
             scores = _per_row(s.processors, groups, step, scores, scores.clone())
+        if probs is not None and s.do_sample:
+            probs.append(torch.softmax(scores, -1))  # the draft's q for speculative sampling
         tok = torch.where(alive, _pick(scores, s), s.pad)  # tok: [R]
         step = torch.cat([step, tok[:, None]], 1)
         n += alive.long()
@@ -312,13 +349,15 @@ def speculative_step(
     gamma: int,
     work: dict[str, list[int]] | None = None,
 ) -> list[list[int]]:
-    """Let the target write one step for the selected rows by speculative decoding (greedy, paper §4).
+    """Let the target write one step for the selected rows by speculative decoding (paper §4).
 
     The target verifies a proposal in one forward, keeps the prefix it agrees with and adds its own next token;
-    then the draft proposes the next `gamma` tokens; until the step ends. The first proposal is the rejected
-    draft step. Token for token what `decode_step(M, ...)` writes under greedy decoding without logits processors
-    or user stopping criteria (the caller checks that). Both caches end as `decode_step` leaves them: the step in
-    the target's cache with its last token queued; the draft owes the tokens of the last verification.
+    then the draft proposes the next `gamma` tokens; until the step ends. Greedy: token for token what
+    `decode_step(M, ...)` writes, and the first proposal may be the rejected draft step. Sampling: the speculative
+    sampling rule, so the step is distributed as the target's own; proposals are fresh draft samples (a rejected
+    step is not one: the PRM's rejection conditions it). `speculation_possible` says when this applies.
+    Both caches end as `decode_step` leaves them: the step in the target's cache with its last token queued; the
+    draft owes the tokens of the last verification.
 
     Args:
         m, M (`RowCache`): the draft's and the target's caches, their queues set (the draft owes what it lacks of
@@ -336,6 +375,8 @@ def speculative_step(
     alive = rows.tolist()
     step: list[list[int]] = [[] for _ in range(R)]
     prop = [list(p[: limit[j]]) if alive[j] else [] for j, p in enumerate(proposals)]
+    q: list[torch.Tensor] = []  # the draft's distributions of the proposal (sampling; none for a given proposal)
+    assert not (s.do_sample and any(prop)), "under sampling proposals must be fresh draft samples"
     if work is not None:
         work.update(verifications=[0] * R, proposed=[0] * R)
     while any(alive):
@@ -348,14 +389,21 @@ def speculative_step(
             if alive[j]:
                 M.pending[j] = []
         logits = M.feed(ids, valid, window=window)  # logits: [R, W, V]
-        picks = logits[..., : s.vocab].argmax(-1).tolist()  # picks: [R][W], the target's greedy tokens
+        if s.do_sample:  # the target's distributions p at the verified positions (processors read scores only)
+            scores = logits[..., : s.vocab].flatten(0, 1)  # scores: [R * W, V]
+            p = torch.softmax(s.processors(ids.new_zeros(len(scores), 1), scores), -1).view(R, window, -1)
+            picks = [_accept_or_resample(p[j, window - len(prop[j]) - 1 :], prop[j], q, j, s.generator)
+                     if alive[j] else [] for j in range(R)]  # fmt: skip
+        else:
+            picks = logits[..., : s.vocab].argmax(-1).tolist()  # picks: [R][W], the target's greedy tokens
+            picks = [picks[j][window - len(prop[j]) - 1 :] for j in range(R)]
         verified = torch.zeros(R, dtype=torch.bool)  # verified: [R]
         keep = torch.zeros(R, dtype=torch.long)  # keep: [R], first target column to drop
         for j in range(R):
             if not alive[j]:
                 continue
             new = []
-            for k, tok in enumerate(picks[j][window - len(prop[j]) - 1 :]):
+            for k, tok in enumerate(picks[j]):
                 new.append(tok)
                 step[j].append(tok)
                 if tok in eos or len(step[j]) >= limit[j] or _ends_with_separator(rules.separator, step[j]):
@@ -374,7 +422,8 @@ def speculative_step(
         # the draft proposes the next gamma tokens of the rows still writing
         going = torch.tensor(alive)
         left = torch.tensor([limit[j] - len(step[j]) for j in range(R)])  # left: [R]
-        prop, start, _ = decode_step(m, ctx, going, left, s, StepRules(rules.separator, gamma, rules.user))
+        q: list[torch.Tensor] = []  # q: [t][R, V], the draft's distributions (sampling)
+        prop, start, _ = decode_step(m, ctx, going, left, s, StepRules(rules.separator, gamma, rules.user), q)
         if work is not None:
             for j in range(R):
                 work["proposed"][j] += len(prop[j])
@@ -383,6 +432,31 @@ def speculative_step(
             if alive[j]:
                 m.pending[j] = []
     return step
+
+
+def _accept_or_resample(
+    p: torch.Tensor, prop: list[int], q: list[torch.Tensor], j: int, generator: torch.Generator | None
+) -> list[int]:
+    """Speculative sampling for one row: keep proposal token x_k with probability min(1, p_k(x_k) / q_k(x_k)); at
+    the first rejection draw from norm(max(0, p_k - q_k)) and stop; if all are kept, draw one more from p. The
+    tokens are distributed as the target's own samples.
+
+    Args:
+        p (`torch.Tensor` of shape `(len(prop) + 1, V)`): the target's distributions at the proposal's positions.
+        prop (`list[int]`): the proposal; `q[k][j]` the draft's distribution `(V,)` its token k was drawn from.
+    """
+    out = []
+    for k, x in enumerate(prop):
+        p_k, q_k = p[k], q[k][j].to(p.device)
+        if _uniform(generator) * float(q_k[x]) <= float(p_k[x]):  # u <= p/q without dividing by a zero q
+            out.append(x)
+            continue
+        residual = (p_k - q_k).clamp_min(0)  # residual: [V]
+        total = float(residual.sum())
+        out.append(int(_draw((residual / total if total > 0 else p_k)[None], generator)[0]))
+        return out
+    out.append(int(_draw(p[len(prop)][None], generator)[0]))
+    return out
 
 
 def _ends_with_separator(separator: StepSeparator | None, step: list[int]) -> bool:
@@ -457,8 +531,8 @@ def rsd_decode(
     rows = torch.arange(S)  # rows: [R], original index of each active row
 
     sched = Scheduler(o.schedule)
-    # RSD∘SD: greedy, and no processor or user criterion that would need the ids at each verified position
-    speculative = bool(o.speculative) and not s.do_sample and not len(s.processors) and not len(rules.user)
+    # RSD∘SD where each verified position can be checked (see speculation_possible)
+    speculative = bool(o.speculative) and speculation_possible(s, rules)
     rejected_steps: dict[int, list[int]] = {}  # original row -> its rejected draft step, while it waits
     waiting = torch.zeros(S, dtype=torch.bool)  # waiting: [R], rows whose step was rejected, for the target to write
 
@@ -526,8 +600,8 @@ def rsd_decode(
                 if accepted[j]:
                     M.pending[j] += y_hat[j]  # the target catches up when it is next called
                     done[j] = _commit(out[i], y_hat[j], bool(stop_hat[j]), stats.steps[i], eos, max_new, o)
-                elif speculative:
-                    rejected_steps[i] = y_hat[j]  # the target's first proposal
+                elif speculative and not s.do_sample:
+                    rejected_steps[i] = y_hat[j]  # the target's first proposal (greedy: the draft's own output)
             waiting |= rejected
 
         keep = (~done).nonzero().flatten()  # keep: [R']

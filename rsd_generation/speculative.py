@@ -12,7 +12,16 @@ import functools
 import torch
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 
-from .decoding import RowIds, RSDGenerateOutput, StepRules, decode_step, sampling, speculative_step, user_criteria
+from .decoding import (
+    RowIds,
+    RSDGenerateOutput,
+    StepRules,
+    decode_step,
+    sampling,
+    speculation_possible,
+    speculative_step,
+    user_criteria,
+)
 from .fast import fast_mode, row_cache
 from .kv import pad_right
 
@@ -23,8 +32,9 @@ def speculative_generate(
 ):  # fmt: skip
     """Speculative decoding of a batch: `target.generate(...)` with `draft` proposing `gamma` tokens at a time.
 
-    Greedy decoding gives the target's own tokens (tested against `target.generate`). With sampling, logits
-    processors or user stopping criteria the target decodes alone (same caches, no draft).
+    Greedy decoding gives the target's own tokens (tested against `target.generate`); sampling follows the
+    speculative sampling rule, so samples are distributed as the target's (temperature, top-k, top-p, min-p).
+    With other logits processors or user stopping criteria the target decodes alone (same caches, no draft).
 
     Args:
         target, draft (`PreTrainedModel`): causal LMs sharing a tokenizer.
@@ -72,7 +82,7 @@ def sd_decode(
     ctx = RowIds(input_ids.cpu(), s.pad)
     rows, budget = torch.ones(B, dtype=torch.bool), torch.full((B,), max_new)
     m, work = None, {}
-    if s.do_sample or len(s.processors) or len(rules.user):  # not verifiable token by token here: target alone
+    if not speculation_possible(s, rules):  # not verifiable token by token: the target alone
         new, _, _ = decode_step(M, ctx, rows, budget, s, rules)
         work = {"verifications": [len(y) for y in new], "proposed": [0] * B}  # one target forward per token
     else:
