@@ -106,6 +106,7 @@ class StepSeparator:
             self.may_end = torch.tensor([separator[-1] in t for t in texts])  # may_end: [V_tok]
         else:  # a multi-byte character may be split across byte-level tokens: check every token
             self.may_end = torch.ones(len(tokenizer), dtype=torch.bool)
+        self.may_end_host = self.may_end.tolist()  # the same, for checks on the host (no device round trip)
 
     def __call__(self, step: torch.Tensor, scores: torch.Tensor, sync: bool = True) -> torch.Tensor:
         """`(R,)` bools: the step `(R, t)` now ends in the separator. With `sync=False` the host never waits for
@@ -464,10 +465,9 @@ def _ends_with_separator(separator: StepSeparator | None, step: list[int]) -> bo
     if separator is None:
         return False
     last = step[-1]
-    if last < len(separator.may_end) and not bool(separator.may_end[last]):
+    if last < len(separator.may_end_host) and not separator.may_end_host[last]:
         return False
-    ids = torch.tensor([step])
-    return bool(separator(ids, torch.zeros(1, 1), sync=True)[0])
+    return bool(separator.criteria(torch.tensor([step]), torch.zeros(1, 1))[0])
 
 
 def _vocab_size(model: PreTrainedModel) -> int:
