@@ -103,3 +103,20 @@ def test_a_queue_with_stop_strings_max_steps_and_sampling(qwen_pair, prm, tok):
         if not kw.get("do_sample"):  # greedy: the queue gives the full batch's tokens
             assert torch.equal(runs[0].sequences, runs[1].sequences)
             assert _steps(runs[0]) == _steps(runs[1])
+
+
+def test_every_combination_of_path_schedule_queue_and_speculation_gives_the_same_tokens(qwen_pair, prm, tok):
+    """Greedy: how rows are scheduled, queued and regenerated never changes what they compute."""
+    target, draft = qwen_pair
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    kw = dict(rsd_threshold=delta, max_new_tokens=32, rsd_max_step_tokens=5)
+    reference = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path="off", **kw)
+    for path in ("off", "static"):
+        for schedule in ("eager", 2, "throughput"):
+            for slots in (None, 2):
+                for gamma in (0, 3):
+                    out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_fast_path=path, rsd_schedule=schedule,
+                                       rsd_max_batch_size=slots, rsd_speculative=gamma, **kw)  # fmt: skip
+                    case = f"path={path} schedule={schedule} slots={slots} gamma={gamma}"
+                    assert torch.equal(out.sequences, reference.sequences), case
+                    assert _steps(out) == _steps(reference), case
