@@ -63,7 +63,7 @@ class Sampling:
 
     processors: LogitsProcessorList
     do_sample: bool
-    generator: torch.Generator | None
+    generator: torch.Generator | list[torch.Generator] | None  # a list: one stream per original row
     vocab: int  # logits beyond the smaller model's vocabulary (padding rows) are never picked
     eos: torch.Tensor  # eos: [E]
     pad: int
@@ -213,11 +213,23 @@ def _per_row(fn, groups, step: torch.Tensor, scores: torch.Tensor, out: torch.Te
     return out
 
 
-def _pick(scores: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """Greedy or multinomial choice, as `GenerationMixin._sample` does it: `(R, V)` -> `(R,)`."""
+def _pick(scores: torch.Tensor, s: Sampling, rows: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Greedy or multinomial choice, as `GenerationMixin._sample` does it: `(R, V)` -> `(R,)`. With one generator
+    per row, only the `alive` rows draw, each from its own (`rows`: original row of each cache row)."""
     if not s.do_sample:
         return scores.argmax(-1)
-    return _draw(torch.softmax(scores, -1), s.generator)
+    probs = torch.softmax(scores, -1)  # probs: [R, V]
+    if not isinstance(s.generator, list):
+        return _draw(probs, s.generator)
+    tok = torch.zeros(len(probs), dtype=torch.long, device=probs.device)  # tok: [R]
+    for j in alive.nonzero().flatten().tolist():
+        tok[j] = _draw(probs[j : j + 1], s.generator[int(rows[j])])[0]
+    return tok
+
+
+def row_generator(generator, row: int) -> torch.Generator | None:
+    """The stream of original row `row`: its own when there is one per row, else the shared one."""
+    return generator[row] if isinstance(generator, list) else generator
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -287,7 +299,7 @@ def decode_step(
             scores = _per_row(s.processors, groups, step, scores, scores.clone())
         if probs is not None and s.do_sample:
             probs.append(torch.softmax(scores, -1))  # the draft's q for speculative sampling
-        tok = torch.where(alive, _pick(scores, s), s.pad)  # tok: [R]
+        tok = torch.where(alive, _pick(scores, s, cache.rows, alive), s.pad)  # tok: [R]
         step = torch.cat([step, tok[:, None]], 1)
         n += alive.long()
         ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
@@ -393,7 +405,8 @@ def speculative_step(
         if s.do_sample:  # the target's distributions p at the verified positions (processors read scores only)
             scores = logits[..., : s.vocab].flatten(0, 1)  # scores: [R * W, V]
             p = torch.softmax(s.processors(ids.new_zeros(len(scores), 1), scores), -1).view(R, window, -1)
-            picks = [_accept_or_resample(p[j, window - len(prop[j]) - 1 :], prop[j], q, j, s.generator)
+            gens = [row_generator(s.generator, int(i)) for i in M.rows]
+            picks = [_accept_or_resample(p[j, window - len(prop[j]) - 1 :], prop[j], q, j, gens[j])
                      if alive[j] else [] for j in range(R)]  # fmt: skip
         else:
             picks = logits[..., : s.vocab].argmax(-1).tolist()  # picks: [R][W], the target's greedy tokens
@@ -583,7 +596,12 @@ def rsd_decode(
             # 3. acceptance: keep ŷ_i with probability ω(r_i)
             omega = o.omega(r[drafting].nan_to_num(0.0))  # omega: [D]
             u = None
-            if needs_draw(omega):
+            if needs_draw(omega) and isinstance(o.generator, list):  # own streams: only undecided rows draw
+                ids = rows[drafting].tolist()
+                u = torch.tensor(
+                    [_uniform(o.generator[i]) if 0 < w < 1 else 1.0 for i, w in zip(ids, omega.tolist(), strict=True)]
+                )
+            elif needs_draw(omega):
                 dev = o.generator.device if o.generator else "cpu"
                 u = torch.rand(len(omega), generator=o.generator, device=dev).cpu()  # u: [D]
             accepted = torch.zeros(R, dtype=torch.bool)  # accepted: [R]
@@ -678,6 +696,8 @@ def _check_config(generation_config: GenerationConfig, attention_mask: torch.Ten
         )
     if o.reward_prompts is not None and len(o.reward_prompts) != B:
         raise ValueError(f"reward_prompts must give one problem per row: got {len(o.reward_prompts)} for {B} rows")
+    if isinstance(o.generator, list) and len(o.generator) != B:
+        raise ValueError(f"rsd_generator as a list needs one generator per row: got {len(o.generator)} for {B} rows")
     if o.streamer is not None and B > 1:
         raise ValueError(f"a streamer takes one row; got a batch of {B}")
     for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):

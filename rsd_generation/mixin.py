@@ -54,7 +54,9 @@ class RSDGenerationMixin(GenerationMixin):
             rsd_max_steps (`int`, *optional*): a row stops after this many committed steps.
             reward_prompts (`list[str]`, *optional*): the problem text the PRM sees per row; default: the decoded
                 prompt.
-            rsd_generator (`torch.Generator`, *optional*): RNG for sampling and acceptance draws.
+            rsd_generator (`torch.Generator` or `list[torch.Generator]`, *optional*): RNG for sampling and acceptance
+                draws; a list gives each row its own stream (one per prompt), so a sampled row is what it is alone
+                with that generator.
             rsd_fast_path (`str` or `bool`, default `"auto"`): `"auto"` (CUDA graphs for supported models on a GPU,
                 else the plain path), `"off"` (dynamic caches, eager forwards), `"static"` (fixed-shape caches,
                 eager), `"graphs"` (fixed-shape caches, CUDA-graph-captured forwards) or `"compile"` (as graphs,
@@ -133,8 +135,13 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"rsd_max_steps must be None or an int >= 1, got {max_steps!r}")
     generator = rsd.get("rsd_generator")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"rsd_generator must be a torch.Generator, got {type(generator).__name__}")
+    if isinstance(generator, (list, tuple)):
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            bad = next(type(g).__name__ for g in generator if not isinstance(g, torch.Generator))
+            raise ValueError(f"rsd_generator must be a torch.Generator or a list of them, got a list holding {bad}")
+        generator = list(generator)  # one per row (checked against the batch size in the loop)
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"rsd_generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
     fast_mode(rsd.get("rsd_fast_path", "auto"), target)  # validates the value, naming it
     schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
     max_batch_size = rsd.get("rsd_max_batch_size")

@@ -200,3 +200,39 @@ def test_batch_gives_what_each_row_gives_alone_with_logits_processors(qwen_pair,
         n = alone.sequences.shape[1]
         assert row[:n] == alone.sequences[0].tolist(), f"row {i} of {len(lengths)} distinct lengths"
         assert set(row[n:]) <= {tok.pad_token_id}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"rsd_speculative": 2}, {"rsd_max_batch_size": 2, "rsd_schedule": 2}, {"rsd_fast_path": "static"}],
+    ids=["plain", "speculative", "queue-and-schedule", "static"],
+)
+def test_sampled_rows_with_their_own_generators_are_what_they_are_alone(qwen_pair, prm, tok, extra):
+    """rsd_generator as a list: each row draws from its own stream (tokens, acceptance), so a sampled row in a batch
+    is the same row sampled alone with that generator (temperature and top-p on, coin-flip acceptance)."""
+    target, draft = qwen_pair
+    kw = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=0, rsd_weighting="constant", rsd_threshold=0.5)
+    kw.update(max_new_tokens=24, **extra)
+
+    def gens(rows):
+        return [torch.Generator().manual_seed(100 + i) for i in rows]
+
+    batch = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_generator=gens(range(len(PROMPTS))), **kw)
+    decisions = [s["accepted"] for row in batch.rsd_stats["steps"] for s in row if s["source"] == "draft"]
+    assert any(decisions) and not all(decisions)
+    for i, prompt in enumerate(PROMPTS):
+        alone = rsd_generate(target, draft, prm, tok, [prompt], rsd_generator=gens([i]), **kw)
+        row = batch.sequences[i].tolist()
+        row = row[next(k for k, t in enumerate(row) if t != tok.pad_token_id) :]
+        assert row[: alone.sequences.shape[1]] == alone.sequences[0].tolist()
+        assert [(s["text"], s["accepted"]) for s in batch.rsd_stats["steps"][i]] == [
+            (s["text"], s["accepted"]) for s in alone.rsd_stats["steps"][0]
+        ]
+
+
+def test_a_generator_list_must_match_the_batch(qwen_pair, prm, tok):
+    target, draft = qwen_pair
+    with pytest.raises(ValueError, match="one generator per row: got 2 for 3 rows"):
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(ValueError, match="a list of them, got a list holding int"):
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_generator=[torch.Generator(), 3, torch.Generator()])
