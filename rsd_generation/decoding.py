@@ -227,6 +227,18 @@ def _pick(scores: torch.Tensor, s: Sampling, rows: torch.Tensor, alive: torch.Te
     return tok
 
 
+def _acceptance_draws(omega: torch.Tensor, generator, rows: torch.Tensor) -> torch.Tensor | None:
+    """u ~ U(0, 1) for the decisions `omega` `(D,)` leaves to chance (None when none does). With one generator per
+    row (`rows`: the original rows), only the undecided rows draw, each from its own."""
+    if not needs_draw(omega):
+        return None
+    if isinstance(generator, list):
+        pairs = zip(rows.tolist(), omega.tolist(), strict=True)
+        return torch.tensor([_uniform(generator[i]) if 0 < w < 1 else 1.0 for i, w in pairs])
+    dev = generator.device if generator is not None else "cpu"
+    return torch.rand(len(omega), generator=generator, device=dev).cpu()
+
+
 def row_generator(generator, row: int) -> torch.Generator | None:
     """The stream of original row `row`: its own when there is one per row, else the shared one."""
     return generator[row] if isinstance(generator, list) else generator
@@ -595,15 +607,7 @@ def rsd_decode(
 
             # 3. acceptance: keep ŷ_i with probability ω(r_i)
             omega = o.omega(r[drafting].nan_to_num(0.0))  # omega: [D]
-            u = None
-            if needs_draw(omega) and isinstance(o.generator, list):  # own streams: only undecided rows draw
-                ids = rows[drafting].tolist()
-                u = torch.tensor(
-                    [_uniform(o.generator[i]) if 0 < w < 1 else 1.0 for i, w in zip(ids, omega.tolist(), strict=True)]
-                )
-            elif needs_draw(omega):
-                dev = o.generator.device if o.generator else "cpu"
-                u = torch.rand(len(omega), generator=o.generator, device=dev).cpu()  # u: [D]
+            u = _acceptance_draws(omega, o.generator, rows[drafting])  # u: [D] or None
             accepted = torch.zeros(R, dtype=torch.bool)  # accepted: [R]
             accepted[drafting] = accept(omega, u) & ~nan[drafting]
             rejected = drafting & ~accepted
