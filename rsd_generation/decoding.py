@@ -679,6 +679,17 @@ def _commit(out: list[int], y: list[int], stop: bool, steps: list[Step], eos: to
     )
 
 
+def check_prompts(attention_mask: torch.Tensor) -> None:
+    """Refuse empty prompts, naming the rows: `attention_mask` `(B, P)` (all ones when none was given)."""
+    B = len(attention_mask)
+    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist() if attention_mask.numel() else list(range(B))
+    if empty:
+        raise ValueError(
+            f"every prompt needs at least one token; row(s) {empty} of {B} are empty (no input_ids, or an "
+            "attention_mask of all 0)"
+        )
+
+
 def _check_config(generation_config: GenerationConfig, attention_mask: torch.Tensor, B: int, o: RSDOptions) -> None:
     """Refuse settings RSD cannot honour, naming the value."""
     if generation_config.num_beams and generation_config.num_beams > 1:
@@ -688,12 +699,7 @@ def _check_config(generation_config: GenerationConfig, attention_mask: torch.Ten
             f"RSD returns one sequence per prompt; num_return_sequences must be 1, got "
             f"{generation_config.num_return_sequences} (repeat the prompts instead)"
         )
-    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist() if attention_mask.numel() else list(range(B))
-    if empty:
-        raise ValueError(
-            f"every prompt needs at least one token; row(s) {empty} of {B} are empty (no input_ids, or an "
-            "attention_mask of all 0)"
-        )
+    check_prompts(attention_mask)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError(
             "RSD needs left padding, but the attention_mask ends in 0 (right padding); set padding_side='left'"

@@ -400,6 +400,14 @@ def fast_path_supported(model: nn.Module) -> str | None:
     return None
 
 
+def check_fast_path(mode: str | bool | None, model: nn.Module) -> None:
+    """Refuse an `rsd_fast_path` value `model` cannot take, naming it (no warning: the loop warns about the mode it
+    runs, once per model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast_mode(mode, model)
+
+
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -8,8 +8,8 @@ import functools
 import torch
 from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList
 
-from .decoding import RSDOptions, rsd_decode, stop_string_criteria
-from .fast import fast_mode
+from .decoding import RSDOptions, check_prompts, rsd_decode, stop_string_criteria
+from .fast import check_fast_path
 from .rewards import RewardModel
 from .schedule import Scheduler
 from .weighting import DEFAULT_THRESHOLD, get_weighting
@@ -82,15 +82,18 @@ class RSDGenerationMixin(GenerationMixin):
             return super().generate(inputs, generation_config, **kwargs)
         draft = kwargs.pop("assistant_model", None)
         options = _rsd_options(self, draft, reward_model, kwargs, rsd)
-        ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] == 0:
-            raise ValueError(
-                f"every prompt needs at least one token; row(s) {list(range(len(ids)))} of {len(ids)} are empty "
-                f"(input_ids of shape {tuple(ids.shape)})"
-            )
+        check_inputs(inputs, kwargs)
         generation_config = _take_stop_strings(generation_config, kwargs, options.tokenizer)
         loop = functools.partial(rsd_decode, options=options)
         return super().generate(inputs, generation_config, custom_generate=loop, **kwargs)
+
+
+def check_inputs(inputs: torch.Tensor | None, kwargs: dict) -> None:
+    """Refuse empty prompts before `generate` runs (it fails on them with an IndexError of its own)."""
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+        mask = kwargs.get("attention_mask")
+        check_prompts(mask if isinstance(mask, torch.Tensor) else torch.ones_like(ids))
 
 
 def _take_stop_strings(generation_config, kwargs: dict, tokenizer):
@@ -142,7 +145,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         generator = list(generator)  # one per row (checked against the batch size in the loop)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"rsd_generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
-    fast_mode(rsd.get("rsd_fast_path", "auto"), target)  # validates the value, naming it
+    check_fast_path(rsd.get("rsd_fast_path", "auto"), target)
     schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
     max_batch_size = rsd.get("rsd_max_batch_size")
     if max_batch_size is not None and (

@@ -16,14 +16,16 @@ from .decoding import (
     RowIds,
     RSDGenerateOutput,
     StepRules,
+    check_prompts,
     decode_step,
     sampling,
     speculation_possible,
     speculative_step,
     user_criteria,
 )
-from .fast import fast_mode, row_cache
+from .fast import check_fast_path, fast_mode, row_cache
 from .kv import pad_right
+from .mixin import check_inputs
 
 
 def speculative_generate(
@@ -50,7 +52,8 @@ def speculative_generate(
         raise ValueError(f"gamma must be an int >= 1 (tokens proposed per target forward), got {gamma!r}")
     if not isinstance(draft, PreTrainedModel) or draft.get_output_embeddings() is None:
         raise ValueError(f"draft must be a causal LM with an output head, got {type(draft).__name__}")
-    fast_mode(fast_path, target)  # validates the value, naming it
+    check_fast_path(fast_path, target)
+    check_inputs(inputs, kwargs)
     loop = functools.partial(sd_decode, draft=draft, gamma=gamma, fast_path=fast_path)
     return GenerationMixin.generate(target, inputs, custom_generate=loop, **kwargs)
 
@@ -70,8 +73,7 @@ def sd_decode(
     B, P = input_ids.shape
     mask = model_kwargs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask
-    if bool((mask.sum(1) == 0).any()) or P == 0:
-        raise ValueError("every prompt needs at least one token; a row of the attention_mask is all 0")
+    check_prompts(mask)
     prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), mask.cpu(), strict=True)]
     max_new = generation_config.max_length - P
     s = sampling(generation_config, logits_processor, None, model, draft)
