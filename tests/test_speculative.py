@@ -157,3 +157,12 @@ def test_batched_speculative_decoding_refuses_bad_input(qwen_pair, prm, tok):
         rsd.speculative_generate(target, draft, **enc, gamma=0)
     with pytest.raises(ValueError, match="draft must be a causal LM with an output head, got Qwen2Model"):
         rsd.speculative_generate(target, prm.backbone, **enc)
+
+
+def test_the_speculative_calls_script_writes_its_results(tmp_path):
+    from rsd_generation.benchmarks import speculative_calls
+
+    out = tmp_path / "calls.json"
+    res = speculative_calls.main(["--num-problems", "4", "--gammas", "0", "4", "--output", str(out)])
+    assert out.exists() and res["rows"][1]["same_output_as_first"] and res["rows"][2]["same_output_as_target_generate"]
+    assert res["rows"][1]["forward_calls"]["target"] < res["rows"][0]["forward_calls"]["target"]
