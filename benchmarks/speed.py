@@ -11,6 +11,9 @@ side by side in one run, at each batch size:
   transformers assisted generation (batch 1 only);
 - speedups of RSD over the best target-only decoding among all of these, and over stock eager `generate`.
 
+With `--queue-prompts Q`, a batch size B below Q runs Q prompts through B slots: RSD through its refilling queue
+(`rsd_max_batch_size=B`), every target-only baseline and SD over the Q prompts in batches of B, one after another.
+
     python -m rsd_generation.benchmarks.speed [--batch-sizes 1 16] [--new-tokens 128]
         [--output benchmarks/results/speed-<gpu>.json]
 """
@@ -18,6 +21,7 @@ side by side in one run, at each batch size:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -174,22 +178,24 @@ def _capture_seconds() -> dict:
 
 
 def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> dict:
-    """Per-component times and RSD end to end on one decoding path (`mode`, see `rsd_fast_path`)."""
+    """Per-component times and RSD end to end on one decoding path (`mode`, see `rsd_fast_path`); `prompts` `(Q, P)`
+    go through B slots."""
     N, R = args.new_tokens, args.repeats
     cap = args.prompt_tokens + 2 * N + 64  # two runs of N tokens (rsd_decode's own caches are sized alike)
+    chunks = prompts.split(B)  # target alone: the prompts in batches of B, one after another
     row: dict = {"mode": mode}
     t0 = time.perf_counter()
     for model, role in ((draft, "draft"), (target, "target")):  # first use: capture / compile
-        loop_alone(model, role, tok, prompts, N, mode, cap)
+        loop_alone(model, role, tok, chunks[0], N, mode, cap)
     row["first_use_seconds"] = time.perf_counter() - t0
-    runs = {role: [loop_alone(model, role, tok, prompts, N, mode, cap) for _ in range(R)]
-            for model, role in ((draft, "draft"), (target, "target"))}  # fmt: skip
-    row["ms_per_forward"] = {role: statistics.median(r[1] for r in v) for role, v in runs.items()}
-    row["target_alone_seconds"] = statistics.median(r[0] for r in runs["target"])
+    runs = {role: [[loop_alone(model, role, tok, c, N, mode, cap) for c in (chunks if role == "target" else chunks[:1])]
+                   for _ in range(R)] for model, role in ((draft, "draft"), (target, "target"))}  # fmt: skip
+    row["ms_per_forward"] = {role: statistics.median(r[0][1] for r in v) for role, v in runs.items()}
+    row["target_alone_seconds"] = statistics.median(sum(c[0] for c in r) for r in runs["target"])
     row["ms_per_graph_replay"] = {
         role: ms_per_replay(model, role) for model, role in ((draft, "draft"), (target, "target"))
     }
-    row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, prompts, args.step_tokens, R, mode, 2 * N + 64)
+    row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, chunks[0], args.step_tokens, R, mode, 2 * N + 64)
     print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (graph replay alone {row['ms_per_graph_replay']}), "
           f"PRM step {row['ms_per_prm_step']:.2f} ms, "
           f"target alone {row['target_alone_seconds']:.3f} s", flush=True)  # fmt: skip
@@ -214,7 +220,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             out = target.generate(
                 **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, tokenizer=tok, assistant_model=draft,
                 reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens,
-                return_dict_in_generate=True, rsd_fast_path=mode,
+                return_dict_in_generate=True, rsd_fast_path=mode, rsd_max_batch_size=B,
                 rsd_generator=torch.Generator().manual_seed(args.coin_seed), rsd_schedule=schedule, **how,
             )  # fmt: skip
             accepted.append(out.rsd_stats["acceptance_rate"])
@@ -237,7 +243,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             "acceptance_rate_per_run": accepted[1:],  # after the warm-up; runs may differ by bf16 rounding near δ
             "seconds": t,
             "seconds_all": all_t,
-            "tokens_per_s": B * N / t,
+            "tokens_per_s": len(prompts) * N / t,
             "forward_calls": calls,
             "prm_calls": st["prm_calls"],
             "predicted_seconds": predicted,
@@ -249,28 +255,30 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
 
 
 def measure(B: int, draft, target, prm, tok, args) -> dict:
-    """Every measurement at batch size `B`, side by side."""
-    N = args.new_tokens
+    """Every measurement at batch size `B` (B slots for `--queue-prompts` prompts), side by side."""
+    N, Q = args.new_tokens, max(B, args.queue_prompts or B)
     g = torch.Generator().manual_seed(B)
-    prompts = torch.randint(1, 1000, (B, args.prompt_tokens), generator=g)
+    prompts = torch.randint(1, 1000, (Q, args.prompt_tokens), generator=g)
     enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
+    batches = [{k: v[i : i + B] for k, v in enc.items()} for i in range(0, Q, B)]  # baselines: B at a time
     fixed = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    row: dict = {"batch_size": B, "new_tokens": N, "prompt_tokens": args.prompt_tokens, "modes": {}}
+    row: dict = {"batch_size": B, "prompts": Q, "new_tokens": N, "prompt_tokens": args.prompt_tokens, "modes": {}}
+    row["command"] = result_command(args)
     for mode in args.modes:
         row["modes"][mode] = measure_mode(B, mode, draft, target, prm, tok, prompts, args)
     times = {f"target_alone_{m}": v["target_alone_seconds"] for m, v in row["modes"].items()}
     RB = args.baseline_repeats
-    _, times["target_generate_eager"], _ = timed(lambda: target.generate(**enc, **fixed), RB)
-    if B == 1 and not args.no_assisted:  # transformers refuses batched assisted generation
+    _, times["target_generate_eager"], _ = timed(lambda: [target.generate(**b, **fixed) for b in batches], RB)
+    if Q == 1 and not args.no_assisted:  # transformers refuses batched assisted generation
         # vocab sizes differ by padding (151936 vs 152064), so transformers takes its universal (text-level) path
         assisted = dict(assistant_model=draft, tokenizer=tok, assistant_tokenizer=tok)
         try:
             _, times["assisted_generation"], _ = timed(lambda: target.generate(**enc, **fixed, **assisted), RB)
         except (ValueError, RuntimeError) as e:  # report, do not hide, a failure of the baseline
             row["assisted_generation_error"] = f"{type(e).__name__}: {e}"
-    if not args.no_static:
+    if not args.no_static and Q == B:
         t0 = time.perf_counter()
         target.generate(**enc, **fixed, cache_implementation="static")
         _sync()
@@ -281,8 +289,9 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
     if not args.no_sd:  # our batched speculative decoding, on the first measured path: what a user could pick instead
         sd_mode = args.modes[0]
         _, row["sd_seconds"], _ = timed(
-            lambda: rsd.speculative_generate(target, draft, **enc, **fixed, gamma=args.gamma, fast_path=sd_mode), RB
-        )
+            lambda: [rsd.speculative_generate(target, draft, **b, **fixed, gamma=args.gamma, fast_path=sd_mode)
+                     for b in batches], RB,
+        )  # fmt: skip
         row["sd_mode"], row["sd_gamma"] = sd_mode, args.gamma
     row["target_only_seconds"] = times
     best = min((k for k in times if k != "assisted_generation"), key=times.get)
@@ -342,9 +351,24 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="compile with mode='max-autotune-no-cudagraphs' and coordinate-descent tuning (slow to compile)",
     )
+    ap.add_argument(
+        "--queue-prompts",
+        type=int,
+        default=None,
+        help="prompts per measurement: a batch size B below it runs them through B slots (RSD's refilling queue; "
+        "the baselines B at a time)",
+    )
     ap.add_argument("--output", default=None, help="default: benchmarks/results/speed-<gpu>.json")
-    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--force", action="store_true", help="replace an existing output")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's rows to an existing output of the same device and versions (each row keeps its command)",
+    )
     args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    if args.queue_prompts is not None and args.queue_prompts < 1:
+        ap.error(f"--queue-prompts must be >= 1, got {args.queue_prompts}")
     if args.max_autotune:
         torch._inductor.config.coordinate_descent_tuning = True
         fast.COMPILE_OPTIONS["mode"] = "max-autotune-no-cudagraphs"
@@ -353,7 +377,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     output = args.output or f"benchmarks/results/speed-{gpu.split()[1].lower() if len(gpu.split()) > 1 else 'gpu'}.json"
-    refuse_overwrite(output, args.force)
+    previous = _previous_rows(output, gpu) if args.append else []
+    if not args.append:
+        refuse_overwrite(output, args.force)
 
     small, big = (dict(QWEN_1_5B), dict(QWEN_7B))
     if args.tiny:
@@ -367,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = {"draft": draft.num_parameters(), "target": target.num_parameters(), "reward": prm.num_parameters}
     print(f"{gpu}: parameters {params}", flush=True)
 
-    rows: list[dict] = []
+    rows: list[dict] = list(previous)
     result = {
         "device": gpu,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -379,14 +405,38 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_options": dict(fast.COMPILE_OPTIONS),
         "rows": rows,
         "complete": False,
-        "command": " ".join(["python -m rsd_generation.benchmarks.speed", *(sys.argv[1:] if argv is None else argv)]),
+        "command": result_command(args),
     }
     for B in args.batch_sizes:  # saved after each batch size: an interrupted run keeps what it measured
         rows.append(measure(B, draft, target, prm, tok, args))
-        result["complete"] = len(rows) == len(args.batch_sizes)
+        result["complete"] = len(rows) == len(previous) + len(args.batch_sizes)
         write_json_atomic(output, result)
     print(f"wrote {output}")
     return result
+
+
+def result_command(args) -> str:
+    """The command line that reproduces this run."""
+    return " ".join(["python -m rsd_generation.benchmarks.speed", *args.argv])
+
+
+def _previous_rows(output: str, device: str) -> list[dict]:
+    """The rows of an earlier output to append to (none if there is none); refused if it was measured on another
+    device or with other versions."""
+    try:
+        with open(output) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        return []
+    now = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if old.get("device") != device or old.get("versions") != now:
+        raise SystemExit(
+            f"error: {output} was measured on {old.get('device')!r} with {old.get('versions')}; this run is on "
+            f"{device!r} with {now}: write to another --output"
+        )
+    if not old.get("complete", False):
+        raise SystemExit(f"error: {output} holds an interrupted run; write to another --output")
+    return old["rows"]
 
 
 if __name__ == "__main__":

@@ -296,6 +296,7 @@ def decode_step(
         and `(R,)` bools: the step ended by a user stopping criterion.
     """
     dev = cache.device
+    active = rows.cpu().nonzero().flatten()  # active: [N], the rows each one-token forward runs (see RowCache.feed)
     rows, budget, eos = rows.to(dev), budget.to(dev), s.eos.to(dev)
     groups = ctx.groups(cache.rows, rows, dev) if len(s.processors) or len(rules.user) else []
     ahead = getattr(cache, "run_ahead", False)  # queue each forward before the host learns whether it is needed
@@ -324,11 +325,11 @@ def decode_step(
         alive &= ~ended
         going_on.set(alive.any())
         if ahead:  # the GPU runs this forward while the host reads the flag (wasted, all rows masked, at the end)
-            logits = cache.feed(tok[:, None], alive[:, None])
+            logits = cache.feed(tok[:, None], alive[:, None], rows=active)
         if not going_on.get():
             break
         if not ahead:
-            logits = cache.feed(tok[:, None], alive[:, None])
+            logits = cache.feed(tok[:, None], alive[:, None], rows=active)
     steps = [step[i, :k].tolist() for i, k in enumerate(n.tolist())]
     for i, sel in enumerate(rows.tolist()):
         if sel:

@@ -12,6 +12,10 @@ whose shapes never change:
 - the attention mask is built inside the graph from the column mask, so a forward is: copy the inputs into the
   graph's buffers, replay, read the output;
 - rows that leave the batch stay in the buffers as masked rows (the graph's batch size is fixed);
+- a chunk that only some rows take part in (at most half) runs over those rows alone, gathered from the buffers,
+  at a bucketed row count; padding rows point at one spare buffer row that is never read as context. Graphs are
+  captured per (row count, width). In "compile" mode one-token forwards run over all rows: compiling per row count
+  costs a compilation each, and the compiled forward over all rows is faster than an uncompiled one over a few;
 - a cache is kept per model between `generate` calls, so capture and compilation are paid once per model and shape.
 
 Under greedy decoding the fast path gives the plain path's tokens: the same math, over a different layout.
@@ -27,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .kv import RowCache, cache_kwarg, causal_lm_forward, hidden_forward, last_positions, pick_rows
+from .kv import RowCache, cache_kwarg, causal_lm_forward, gather_rows, hidden_forward, last_positions, pick_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
 MAX_GRAPH_WINDOW = 16  # output windows (speculative verification) captured up to this many positions; wider: eager
@@ -37,7 +41,8 @@ COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile keywords for the one
 
 
 class StaticKV:
-    """Per-layer key/value buffers of fixed shape `(B, H, C, D)`, written in place at the columns `cols`.
+    """Per-layer key/value buffers of fixed shape `(B + 1, H, C, D)` (row B is a spare one that gathered forwards
+    pad with), written in place at the columns `cols` of the first B rows or of the gathered rows `rows`.
 
     It provides the part of transformers' `Cache` that the attention layers call (`update`); position ids and
     the attention mask are always given, so nothing else is asked of it.
@@ -46,10 +51,12 @@ class StaticKV:
     is_compileable = True
 
     def __init__(self, shapes: list[tuple[int, int]], batch_size: int, capacity: int, dtype, devices):
-        self.keys = [torch.zeros(batch_size, h, capacity, d, dtype=dtype, device=dev)
+        self.batch_size = batch_size
+        self.keys = [torch.zeros(batch_size + 1, h, capacity, d, dtype=dtype, device=dev)
                      for (h, d), dev in zip(shapes, devices, strict=True)]  # fmt: skip
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.cols: torch.Tensor | None = None  # cols: [L], the columns the running forward writes
+        self.rows: torch.Tensor | None = None  # rows: [N], the buffer rows of a gathered forward (None: all B)
 
     @property
     def capacity(self) -> int:
@@ -57,11 +64,19 @@ class StaticKV:
         return self.keys[0].shape[2]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the chunk's keys and values `(B, H, L, D)` at `cols`; return the whole buffers."""
+        """Write the chunk's keys and values `(N, H, L, D)` at `cols`; return the rows' whole buffers `(N, H, C, D)`
+        (views of the first B rows, or copies of the gathered ones)."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k.index_copy_(2, self.cols.to(k.device), key_states)
-        v.index_copy_(2, self.cols.to(v.device), value_states)
-        return k, v
+        cols = self.cols.to(k.device)
+        if self.rows is None:
+            k, v = k[: self.batch_size], v[: self.batch_size]
+            k.index_copy_(2, cols, key_states)
+            v.index_copy_(2, cols, value_states)
+            return k, v
+        rows = self.rows.to(k.device)
+        k[rows[:, None], :, cols[None, :]] = key_states.transpose(1, 2)  # the indexed view: [N, L, H, D]
+        v[rows[:, None], :, cols[None, :]] = value_states.transpose(1, 2)
+        return k[rows], v[rows]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Unused: position ids are always given (some transformers versions still ask)."""
@@ -74,6 +89,11 @@ class StaticKV:
                 new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
                 new[:, :, : old.shape[2]] = old
                 buffers[i] = new
+
+
+def _bucket(n: int) -> int:
+    """The captured size that holds `n` (chunk widths and gathered row counts): the next of `BUCKETS`, or `n`."""
+    return next((b for b in BUCKETS if b >= n), n)
 
 
 def _kv_shapes(config) -> list[tuple[int, int]]:
@@ -140,7 +160,7 @@ class StaticRowCache(RowCache):
         dev = self.device
         if not hasattr(self, "colmask") or self.colmask.shape[1] != self.kv.capacity:
             C = self.kv.capacity
-            self.colmask = torch.zeros(self.batch_size, C, dtype=torch.bool, device=dev)  # colmask: [B, C]
+            self.colmask = torch.zeros(self.batch_size + 1, C, dtype=torch.bool, device=dev)  # colmask: [B + 1, C]
         self.colmask.zero_()
         self.cursor = 0  # columns in use (valid or masked); the next chunk is written from here
         self.slots = torch.arange(self.batch_size, device=dev)  # slots: [R], buffer row of each active row
@@ -170,44 +190,68 @@ class StaticRowCache(RowCache):
         return int(self._padded)
 
     @torch.no_grad()  # inference only: an in-place write of a grad-carrying key would chain every forward's graph
-    def feed(self, ids: torch.Tensor, valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    def feed(
+        self, ids: torch.Tensor, valid: torch.Tensor, window: int | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Append one chunk `(R, L)` (right-padded per row, `valid` marks real tokens); outputs `(R, X)` at each
-        row's last valid token, or `(R, window, X)` at its last `window` ones (as `RowCache.feed`; run eagerly)."""
-        L = ids.shape[1]
-        dev = self.device
-        width = next((b for b in BUCKETS if b >= L), L) if self.graphs else L
+        row's last valid token, or `(R, window, X)` at its last `window` ones (as `RowCache.feed`). Only the rows
+        with tokens run when they are few (`rows`: as in `RowCache.feed`)."""
+        L, B, dev = ids.shape[1], self.batch_size, self.device
+        width = _bucket(L) if self.graphs else L
         if self.cursor + width > self.kv.capacity:
             width = L  # no room for the bucket's padding: run this chunk eagerly at its own width
             if self.cursor + L > self.kv.capacity:
                 self._grow(self.cursor + L)
+        sel = gather_rows(valid, rows, len(self.pending))  # sel: [N] cache rows that run alone, or None: all B
+        if L == 1 and self.compile_decode:
+            sel = None  # the compiled one-token forward over all rows beats an uncompiled one over a few
         valid, ids = valid.to(dev), ids.to(dev)
-        if self._in_order and width == L:  # every buffer row active, in order: no scatter
-            x, ok = torch.where(valid, ids, self.pad_token_id), valid
+        if sel is not None:  # the rows' buffer rows, padded to a bucketed count with the spare row B
+            sel = sel.to(dev)
+            N = 1 << (len(sel) - 1).bit_length() if self.graphs else len(sel)  # captured row counts: powers of 2
+            slots = torch.full((N,), B, dtype=torch.long, device=dev)  # slots: [N]
+            slots[: len(sel)] = self.slots[sel]
+            x = torch.full((N, width), self.pad_token_id, dtype=torch.long, device=dev)  # x: [N, W]
+            ok = torch.zeros(N, width, dtype=torch.bool, device=dev)  # ok: [N, W]
+            x[: len(sel), :L] = torch.where(valid[sel], ids[sel], self.pad_token_id)
+            ok[: len(sel), :L] = valid[sel]
+        elif self._in_order and width == L:  # every buffer row active, in order: no scatter
+            slots, x, ok = None, torch.where(valid, ids, self.pad_token_id), valid
         else:
-            x = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long, device=dev)  # x: [B, W]
-            ok = torch.zeros(self.batch_size, width, dtype=torch.bool, device=dev)  # ok: [B, W]
+            slots = None
+            x = torch.full((B, width), self.pad_token_id, dtype=torch.long, device=dev)  # x: [B, W]
+            ok = torch.zeros(B, width, dtype=torch.bool, device=dev)  # ok: [B, W]
             x[self.slots, :L] = torch.where(valid, ids, self.pad_token_id)
             ok[self.slots, :L] = valid
-        n = ok.sum(1)  # n: [B]
-        seen = self.colmask.sum(1)  # seen: [B], valid columns before the chunk
-        pos = seen[:, None] + torch.arange(width, device=dev)  # pos: [B, W]
+        n = ok.sum(1)  # n: [N] (or [B])
+        seen = (self.colmask[:B] if slots is None else self.colmask[slots]).sum(1)  # valid columns before the chunk
+        pos = seen[:, None] + torch.arange(width, device=dev)  # pos: [N, W]
         pos = torch.minimum(pos, (seen + n - 1).clamp_min(0)[:, None])  # padding repeats the last position
-        self.colmask[:, self.cursor : self.cursor + width] = ok
-        wide = window if window is None or not self.graphs else next((b for b in BUCKETS if b >= window), window)
-        out = self._run(x, pos, self.cursor, last_positions(n, wide))  # out: [B, X] or [B, wide, X]
+        if slots is None:
+            self.colmask[:B, self.cursor : self.cursor + width] = ok
+            self._slot_tokens += n
+        else:
+            self.colmask[slots, self.cursor : self.cursor + width] = ok
+            self.colmask[B] = False  # the spare row never holds context
+            self._slot_tokens.index_add_(0, slots[: len(sel)], n[: len(sel)])
+        wide = window if window is None or not self.graphs else _bucket(window)
+        out = self._run(x, pos, self.cursor, last_positions(n, wide), slots)  # out: [N, X] or [N, wide, X]
         if window is not None:
-            out = out[:, wide - window :]  # out: [B, window, X], the last `window` positions
+            out = out[:, wide - window :]  # out: [N, window, X], the last `window` positions
         self.cursor += L
-        self._slot_tokens += n
-        self._padded += self.batch_size * width - n.sum()
+        self._padded += x.numel() - n.sum()
         self.forward_calls += 1
+        if sel is not None:
+            res = out.new_zeros(len(self.pending), *out.shape[1:])  # res: [R, X] or [R, window, X]
+            res[sel] = out[: len(sel)]
+            return res
         return out if self._in_order else out[self.slots]
 
     def drop_from(self, rows: torch.Tensor, start: torch.Tensor) -> None:
         """Mask out, for each selected row, every column from `start[row]` on (a discarded step)."""
-        sel = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        sel = torch.zeros(self.batch_size + 1, dtype=torch.bool, device=self.device)
         sel[self.slots] = rows.to(self.device)
-        first = torch.full((self.batch_size,), self.kv.capacity, dtype=torch.long, device=self.device)
+        first = torch.full((self.batch_size + 1,), self.kv.capacity, dtype=torch.long, device=self.device)
         first[self.slots] = start.to(self.device)
         cols = torch.arange(self.kv.capacity, device=self.device)[None, :]  # cols: [1, C]
         self.colmask.masked_fill_(sel[:, None] & (cols >= first[:, None]), False)
@@ -272,9 +316,10 @@ class StaticRowCache(RowCache):
         """Valid positions processed, all rows."""
         return int(self._slot_tokens.sum()) + sum(self._left.values())
 
-    def captured_graph(self, width: int) -> torch.cuda.CUDAGraph | None:
-        """The CUDA graph captured for chunks of `width` tokens, if any (for timing its replay alone)."""
-        entry = self._captured.get(width)
+    def captured_graph(self, width: int, rows: int | None = None) -> torch.cuda.CUDAGraph | None:
+        """The CUDA graph captured for chunks of `width` tokens over all rows (or `rows` gathered ones), if any
+        (for timing its replay alone)."""
+        entry = self._captured.get((rows, width, None))
         return entry[0] if entry is not None else None
 
     # -- forwards -------------------------------------------------------------------------------------------------
@@ -282,56 +327,64 @@ class StaticRowCache(RowCache):
         """More columns: reallocate the buffers and drop the captured graphs (they point at the old ones)."""
         capacity = max(2 * self.kv.capacity, -(-needed // 256) * 256)
         self.kv.grow(capacity)
-        colmask = torch.zeros(self.batch_size, capacity, dtype=torch.bool, device=self.device)
+        colmask = torch.zeros(self.batch_size + 1, capacity, dtype=torch.bool, device=self.device)
         colmask[:, : self.colmask.shape[1]] = self.colmask
         self.colmask = colmask
         self._captured.clear()
         self._pool = None  # a pool whose graphs are all gone cannot take a new capture
         self._compiled = None
 
-    def _body(self, ids: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """One forward of a `(B, W)` chunk written at columns `cols` `(W,)`: the output at `last` (`(B,)` or
-        `(B, K)`)."""
-        self.kv.cols = cols
+    def _body(self, ids: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, last: torch.Tensor,
+              slots: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One forward of a `(N, W)` chunk written at columns `cols` `(W,)` of the buffer rows `slots` `(N,)` (None:
+        all B rows): the output at `last` (`(N,)` or `(N, K)`)."""
+        self.kv.cols, self.kv.rows = cols, slots
+        colmask = self.colmask[: self.batch_size] if slots is None else self.colmask[slots]  # colmask: [N, C]
         c = torch.arange(self.kv.capacity, device=cols.device)  # c: [C]
-        allowed = self.colmask[:, None, :] & (c <= cols[:, None])  # allowed: [B, W, C], causal over valid columns
+        allowed = colmask[:, None, :] & (c <= cols[:, None])  # allowed: [N, W, C], causal over valid columns
         allowed = allowed | (c == cols[:, None])  # a padded query attends to itself: never an all-masked row
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=cols.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # mask: [B, 1, W, C]
+        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # mask: [N, 1, W, C]
         kw = {self.cache_kwarg: self.kv}
         hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        hidden = hidden.last_hidden_state  # hidden: [B, W, H]
+        hidden = hidden.last_hidden_state  # hidden: [N, W, H]
         return self.head(pick_rows(hidden, last))
 
-    def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor) -> torch.Tensor:
-        """Run a chunk: replay (capturing on first use) when graphs are on, else eagerly."""
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor,
+             slots: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """Run a chunk (over the buffer rows `slots`, or all): replay (capturing on first use) when graphs are on,
+        else eagerly."""
         width = ids.shape[1]
-        key = width if last.dim() == 1 else (width, last.shape[1])  # a window of outputs: captured per window too
+        # captured per (gathered row count, width, output window)
+        key = (None if slots is None else len(slots), width, last.shape[1] if last.dim() == 2 else None)
         if not self.graphs or width not in BUCKETS or (last.dim() == 2 and last.shape[1] > MAX_GRAPH_WINDOW):
-            return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last)
+            return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last, slots)
         if key not in self._captured:
-            return self._capture(ids, pos, start, last, key)
+            return self._capture(ids, pos, start, last, slots, key)
         graph, buf, out = self._captured[key]
         buf["ids"].copy_(ids)
         buf["pos"].copy_(pos)
         buf["cols"].fill_(start).add_(buf["steps"])
         buf["last"].copy_(last)
+        if slots is not None:
+            buf["slots"].copy_(slots)
         graph.replay()
         return out.clone()
 
-    def _capture(self, ids, pos, start: int, last, key) -> torch.Tensor:
-        """Capture the forward at this chunk's width (and output window; `key`) (warm-up runs compute the real
-        chunk) and return its output."""
+    def _capture(self, ids, pos, start: int, last, slots, key) -> torch.Tensor:
+        """Capture the forward at this chunk's rows, width and output window (`key`) (warm-up runs compute the
+        real chunk) and return its output."""
         t0 = time.perf_counter()
         width = ids.shape[1]
         steps = torch.arange(width, device=self.device)
-        buf = {"ids": ids.clone(), "pos": pos.clone(), "cols": steps + start, "last": last.clone(), "steps": steps}
+        buf = {"ids": ids.clone(), "pos": pos.clone(), "cols": steps + start, "last": last.clone(), "steps": steps,
+               "slots": None if slots is None else slots.clone()}  # fmt: skip
         fn = self._body
-        if width == 1 and last.dim() == 1 and self.compile_decode:
+        if width == 1 and last.dim() == 1 and slots is None and self.compile_decode:
             if self._compiled is None:
                 self._compiled = torch.compile(self._body, **COMPILE_OPTIONS)
             fn = self._compiled
-        args = (buf["ids"], buf["pos"], buf["cols"], buf["last"])
+        args = (buf["ids"], buf["pos"], buf["cols"], buf["last"], buf["slots"])
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

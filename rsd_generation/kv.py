@@ -5,6 +5,10 @@ rows. `RowCache` keeps one batched `DynamicCache` and a 2-D column mask: a row's
 masked out instead of cropped, and position ids are derived from the mask (the number of valid columns
 before a token), so a row sees exactly the context it would see alone. Keys are stored after RoPE, so a
 masked gap changes nothing in the math.
+
+A forward runs only the rows that have tokens in it when those are at most half of the batch (`gather_rows`):
+their cache rows are gathered, the model runs over them alone, and the new columns are written back (masked for
+the other rows). A target writing the steps of 2 rows out of 16 then costs 2 rows, not 16.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ class RowCache:
         return self.mask.shape[1]
 
     @torch.no_grad()  # inference only, also when called outside generate
-    def feed(self, ids: torch.Tensor, valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    def feed(
+        self, ids: torch.Tensor, valid: torch.Tensor, window: int | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Append one chunk to every row and return the output at each row's last valid token.
 
         Args:
@@ -72,9 +78,14 @@ class RowCache:
                 positions come first. Rows with none get garbage outputs.
             window (`int`, *optional*): return the outputs at each row's last `window` valid tokens instead (for
                 verifying a proposal), `(R, window, X)`; entry `w` is position `n - window + w` of the row's chunk.
+            rows (`torch.LongTensor` of shape `(N,)`, *optional*): the rows that may have valid tokens (on the
+                host), when `valid` lives on the device; read off `valid` when it is on the CPU.
         Returns:
             `torch.Tensor` of shape `(R, X)` (or `(R, window, X)`).
         """
+        sel = gather_rows(valid, rows, len(self.pending))
+        if sel is not None and self._can_gather():
+            return self._feed_rows(ids, valid, window, sel)
         valid = valid.to(self.device)
         ids = torch.where(valid, ids.to(self.device), self.pad_token_id)  # ids: [R, L]
         n = valid.sum(1)  # n: [R]
@@ -98,6 +109,68 @@ class RowCache:
         self.forward_calls += 1
         self.padded_tokens += ids.numel() - total
         return out
+
+    def _can_gather(self) -> bool:
+        """Whether rows can be gathered and written back: every layer a plain dynamic one, all filled (4-D keys) or
+        (an empty cache) none."""
+        layers = self.cache.layers
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return False
+        filled = [_filled(layer) for layer in layers]
+        return all(filled) or (self.length == 0 and not any(filled))
+
+    def _feed_rows(self, ids: torch.Tensor, valid: torch.Tensor, window: int | None, sel: torch.Tensor):
+        """`feed` over the rows `sel` `(N,)` alone: their cache rows gathered, the model run over them, the new
+        columns written back (masked for the other rows)."""
+        R, T, L = len(self.pending), self.length, ids.shape[1]
+        dev_sel = sel.to(self.device)
+        valid = valid.to(self.device)
+        sub_valid = valid[dev_sel]  # sub_valid: [N, L]
+        sub_ids = torch.where(sub_valid, ids.to(self.device)[dev_sel], self.pad_token_id)  # sub_ids: [N, L]
+        n = sub_valid.sum(1)  # n: [N]
+        old_mask = self.mask[dev_sel]  # old_mask: [N, T]
+        pos = old_mask.sum(1, keepdim=True) + torch.arange(L, device=self.device)  # pos: [N, L]
+        pos = torch.minimum(pos, (old_mask.sum(1) + n - 1).clamp_min(0)[:, None])
+        mask = torch.cat([old_mask, sub_valid.long()], 1)  # mask: [N, T + L]
+        full = [(layer.keys, layer.values) if _filled(layer) else None for layer in self.cache.layers]  # [R, H, T, D]
+        for layer, kv in zip(self.cache.layers, full, strict=True):
+            if kv is not None:
+                layer.keys, layer.values = kv[0][dev_sel], kv[1][dev_sel]
+        try:
+            out = self.forward(
+                input_ids=sub_ids,
+                attention_mask=None if bool(mask.all()) else mask,
+                position_ids=pos,
+                cache_position=torch.arange(T, T + L, device=self.device),
+                cache=self.cache,
+                last=last_positions(n, window),
+            )
+        except BaseException:
+            if all(kv is not None for kv in full):  # the cache as it was (an empty one is rebuilt)
+                for layer, (k, v) in zip(self.cache.layers, full, strict=True):
+                    layer.keys, layer.values = k, v
+            else:
+                self.cache = DynamicCache(config=self.config)
+            raise
+        for layer, kv in zip(self.cache.layers, full, strict=True):  # the new columns back, masked elsewhere
+            new_k, new_v = layer.keys[:, :, T:], layer.values[:, :, T:]  # new_k: [N, H, L, D]
+            if kv is None:  # an empty cache: nothing before the chunk
+                kv = (
+                    new_k.new_zeros(R, new_k.shape[1], 0, new_k.shape[3]),
+                    new_v.new_zeros(R, new_v.shape[1], 0, new_v.shape[3]),
+                )
+            k, v = kv
+            layer.keys = torch.cat([k, k.new_zeros(R, k.shape[1], L, k.shape[3])], 2)
+            layer.values = torch.cat([v, v.new_zeros(R, v.shape[1], L, v.shape[3])], 2)
+            layer.keys[dev_sel, :, T:], layer.values[dev_sel, :, T:] = new_k, new_v
+        self.mask = torch.cat([self.mask, valid.long()], 1)
+        self._row_tokens[self.rows] += valid.sum(1).cpu()
+        self.forward_calls += 1
+        self.padded_tokens += sub_ids.numel() - int(n.sum())
+        self.dense = False  # the other rows got masked columns
+        res = out.new_zeros(R, *out.shape[1:])  # res: [R, X] or [R, window, X]
+        res[dev_sel] = out
+        return res
 
     def feed_pending(self, rows: torch.Tensor) -> torch.Tensor:
         """Feed the queued tokens of the selected rows (`rows`: bool `(R,)`), emptying their queues."""
@@ -168,6 +241,23 @@ class RowCache:
         if n > len(self._row_tokens):
             extra = self._row_tokens.new_zeros(n - len(self._row_tokens))
             self._row_tokens = torch.cat([self._row_tokens, extra])
+
+
+def _filled(layer) -> bool:
+    """Whether a dynamic cache layer holds keys (`(R, H, T, D)`; transformers leaves them unset until the first
+    forward)."""
+    return getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
+
+
+def gather_rows(valid: torch.Tensor, rows: torch.Tensor | None, R: int) -> torch.Tensor | None:
+    """The rows a forward should run alone, `(N,)` on the host, or None to run all `R`: gathering pays when at most
+    half of the rows have tokens (`rows`, or the rows of `valid` `(R, L)` with any when it is on the CPU)."""
+    if rows is None:
+        if valid.device.type != "cpu":
+            return None  # unknown on the host without waiting for the device
+        rows = valid.any(1).nonzero().flatten()
+    rows = rows.cpu()
+    return rows if len(rows) > 0 and 2 * len(rows) <= R else None
 
 
 def pad_right(chunks: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
-"""RowCache: per-row masking and compaction leave each row's attention unchanged."""
+"""RowCache: per-row masking, compaction and gathered forwards leave each row's attention unchanged."""
 
+import pytest
 import torch
 
+from rsd_generation.fast import row_cache
 from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
 from rsd_generation.testing import make_lm
 
@@ -46,3 +48,41 @@ def test_rows_left_with_no_valid_column_can_shrink_and_be_fed_again(tok):
     c.keep(torch.tensor([2]))  # down to one row while the cache is empty
     out = c.feed(torch.tensor([[9, 10]]), torch.ones(1, 2, dtype=torch.bool))
     torch.testing.assert_close(out[0], model(input_ids=torch.tensor([[9, 10]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["off", "static"])
+def test_a_chunk_for_few_rows_runs_those_rows_alone_with_the_same_outputs(tok, path):
+    """A chunk that only some rows take part in (at most half) runs over those rows alone: the outputs and every
+    later output are the ones the whole batch gives, and no padded row is processed."""
+    model = make_lm("qwen2", len(tok), seed=1)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16]]
+    caches = [row_cache(model, f"gather-{path}-{k}", 5, 0, path, 64) for k in range(2)]
+    for c in caches:
+        c.feed(*pad_right(prompts, 0))
+    chunks = [[], [20, 21, 22], [], [23], []]  # rows 1 and 3 of 5
+    ids, valid = pad_right(chunks, 0)
+    gathered = caches[0].feed(ids, valid)
+    whole = caches[1].feed(ids, valid, rows=torch.arange(5))  # every row named: the whole batch runs
+    for r in (1, 3):
+        torch.testing.assert_close(gathered[r], whole[r], rtol=1e-5, atol=1e-5)
+    assert caches[0].padded_tokens - caches[1].padded_tokens == 2 * 3 - 5 * 3  # 2 rows x 3 positions, not 5 x 3
+    assert caches[0].forward_tokens == caches[1].forward_tokens == 12 + 4
+    assert torch.equal(caches[0].mask, caches[1].mask)
+    # a device-side mask with a host-side list of rows (decode_step's one-token forwards) gathers too
+    tok_ids, alive = (
+        torch.tensor([[30], [31], [32], [33], [34]]),
+        torch.tensor([[False], [True], [False], [True], [False]]),
+    )
+    a = caches[0].feed(tok_ids, alive, rows=torch.tensor([1, 3]))
+    b = caches[1].feed(tok_ids, alive, rows=torch.arange(5))
+    for r in (1, 3):
+        torch.testing.assert_close(a[r], b[r], rtol=1e-5, atol=1e-5)
+    # then every row goes on as if nothing were gathered, and each equals the row alone on its tokens
+    nxt = torch.tensor([[40], [41], [42], [43], [44]])
+    a = caches[0].feed(nxt, torch.ones(5, 1, dtype=torch.bool))
+    b = caches[1].feed(nxt, torch.ones(5, 1, dtype=torch.bool))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    kept = [[5, 6, 7, 8, 40], [9, 10, 20, 21, 22, 31, 41], [11, 12, 13, 42], [14, 23, 33, 43], [15, 16, 44]]
+    for r, ids_r in enumerate(kept):
+        alone = model(input_ids=torch.tensor([ids_r])).logits[0, -1]
+        torch.testing.assert_close(a[r], alone, rtol=1e-4, atol=1e-4)

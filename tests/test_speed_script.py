@@ -3,6 +3,7 @@ reads: speedup keys, the cost model's ratio, acceptance under the seeded control
 
 import json
 
+import pytest
 from rsd_generation.benchmarks import speed
 
 
@@ -23,3 +24,25 @@ def test_speed_script_writes_its_results(tmp_path):
         assert r["speedup_vs_best_target_only"] == row["target_only_seconds"][row["best_target_only"]] / r["seconds"]
         assert r["measured_over_predicted"] > 0
     assert row["best_target_only"] in ("target_alone_static", "target_generate_eager")
+
+
+def test_a_queue_run_appends_its_rows(tmp_path):
+    """`--queue-prompts` sends 4 prompts through 2 slots (the baselines 2 at a time), and `--append` adds the row to
+    an earlier output, each row with its own command; an output of other versions is refused."""
+    out = tmp_path / "speed.json"
+    common = ["--tiny", "--new-tokens", "16", "--prompt-tokens", "8", "--step-tokens", "4", "--modes", "static",
+              "--no-static", "--no-assisted", "--repeats", "1", "--baseline-repeats", "1",
+              "--output", str(out)]  # fmt: skip
+    speed.main(["--batch-sizes", "1", *common])
+    speed.main(["--batch-sizes", "2", "--queue-prompts", "4", "--append", *common])
+    first, queued = json.loads(out.read_text())["rows"]
+    assert (first["batch_size"], first["prompts"]) == (1, 1) and (queued["batch_size"], queued["prompts"]) == (2, 4)
+    assert "--queue-prompts 4" in queued["command"] and "--queue-prompts" not in first["command"]
+    rsd = queued["modes"]["static"]["rsd"]["accept80"]
+    assert rsd["tokens_per_s"] == 4 * 16 / rsd["seconds"]
+    assert rsd["forward_calls"]["target"] > 0
+    data = json.loads(out.read_text())
+    data["versions"]["torch"] = "0.0"
+    out.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="was measured on"):
+        speed.main(["--batch-sizes", "1", "--append", *common])
