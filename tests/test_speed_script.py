@@ -4,7 +4,10 @@ reads: speedup keys, the cost model's ratio, acceptance under the seeded control
 import json
 
 import pytest
+import torch
 from rsd_generation.benchmarks import speed
+
+import rsd_generation as rsd
 
 
 def test_speed_script_writes_its_results(tmp_path):
@@ -16,7 +19,11 @@ def test_speed_script_writes_its_results(tmp_path):
     row, row2 = json.loads(out.read_text())["rows"]
     rsd = row["modes"]["static"]["rsd"]
     assert rsd["accept80"]["acceptance_rate"] == 0.8 and rsd["accept50"]["acceptance_rate"] == 0.5  # seed 16
-    assert set(rsd) == {"accept80", "accept50", "accept80-schedule-2", "accept50-schedule-2"}
+    agreeing = {f"accept80-rsd-sd-gamma4-agreement{a}" for a in (0.6, 0.8)}  # the token agreement control
+    assert set(rsd) == {"accept80", "accept50", "accept80-schedule-2", "accept50-schedule-2"} | agreeing
+    for name in agreeing:
+        assert rsd[name]["acceptance_rate"] == 0.8 and rsd[name]["speedup_vs_sd_same_agreement"] > 0
+    assert set(row["sd_seconds_agreement"]) == {"0.6", "0.8"}
     assert row["sd_seconds"] > 0 and rsd["accept80"]["speedup_vs_sd"] == row["sd_seconds"] / rsd["accept80"]["seconds"]
     rsd2 = row2["modes"]["static"]["rsd"]
     assert rsd2["accept80-schedule-2"]["schedule"] == 2 and rsd2["accept80"]["ticks"]["draft"] > 0
@@ -46,3 +53,27 @@ def test_a_queue_run_appends_its_rows(tmp_path):
     out.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="was measured on"):
         speed.main(["--batch-sizes", "1", "--append", *common])
+
+
+def test_the_token_agreement_control_sets_how_many_proposals_the_target_keeps():
+    """Under the control at agreement 1 the target keeps every proposed token (one verification per γ + 1 tokens),
+    at 0 none (one per token, as random models give), in between about a share a / (1 - a) per verification; the
+    control is gone outside its block."""
+
+    small = {**speed.QWEN_7B, **speed.TINY, "vocab_size": 300}  # untied heads: tied ones repeat their input
+    draft = speed.random_model(small, 1, "cpu", torch.float32)
+    target = speed.random_model({**small, "hidden_size": 96}, 2, "cpu", torch.float32)
+    ids = torch.randint(1, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
+              do_sample=False, gamma=4, fast_path="static", return_dict_in_generate=True)  # fmt: skip
+
+    def verifications(a=None):
+        if a is None:
+            return rsd.speculative_generate(target, draft, **kw).rsd_stats["row_target_forwards"]
+        with speed.token_agreement(target, a, seed=0):
+            return rsd.speculative_generate(target, draft, **kw).rsd_stats["row_target_forwards"]
+
+    assert verifications(1.0) == [9, 9]  # the prefill gives 1 token, then 5 per verification: 1 + ceil(39 / 5)
+    assert verifications(0.0) == [40, 40]
+    assert all(10 < v < 30 for v in verifications(0.6))  # expected 40 / (1 + 0.6 + 0.36 + 0.22 + 0.13) ≈ 17
+    assert verifications() == [40, 40]  # outside the block: random models agree on nothing
