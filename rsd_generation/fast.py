@@ -13,9 +13,11 @@ whose shapes never change:
   graph's buffers, replay, read the output;
 - rows that leave the batch stay in the buffers as masked rows (the graph's batch size is fixed);
 - a chunk that only some rows take part in (at most half) runs over those rows alone, gathered from the buffers,
-  at a bucketed row count; padding rows point at one spare buffer row that is never read as context. Graphs are
-  captured per (row count, width). In "compile" mode one-token forwards run over all rows: compiling per row count
-  costs a compilation each, and the compiled forward over all rows is faster than an uncompiled one over a few;
+  at a power-of-2 row count; padding rows point at one spare buffer row that is never read as context. Graphs are
+  captured per (row count, width) up to width 8 (one-token steps, short verifications); a wider chunk over a few
+  rows (a catch-up) runs eagerly rather than adding a capture per row count. In "compile" mode one-token forwards
+  run over all rows: compiling per row count costs a compilation each, and the compiled forward over all rows
+  beats an uncompiled one over a few;
 - a cache is kept per model between `generate` calls, so capture and compilation are paid once per model and shape.
 
 Under greedy decoding the fast path gives the plain path's tokens: the same math, over a different layout.
@@ -34,6 +36,7 @@ from torch import nn
 from .kv import RowCache, cache_kwarg, causal_lm_forward, gather_rows, hidden_forward, last_positions, pick_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
+MAX_GATHERED_GRAPH_WIDTH = 8  # gathered chunks (a few rows) captured up to this width (one per row count); wider: eager
 MAX_GRAPH_WINDOW = 16  # output windows (speculative verification) captured up to this many positions; wider: eager
 MODES = ("auto", "off", "static", "graphs", "compile")
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a plain head: the graph's assumptions
@@ -357,7 +360,8 @@ class StaticRowCache(RowCache):
         width = ids.shape[1]
         # captured per (gathered row count, width, output window)
         key = (None if slots is None else len(slots), width, last.shape[1] if last.dim() == 2 else None)
-        if not self.graphs or width not in BUCKETS or (last.dim() == 2 and last.shape[1] > MAX_GRAPH_WINDOW):
+        eager = width not in BUCKETS or (last.dim() == 2 and last.shape[1] > MAX_GRAPH_WINDOW)
+        if not self.graphs or eager or (slots is not None and width > MAX_GATHERED_GRAPH_WIDTH):
             return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last, slots)
         if key not in self._captured:
             return self._capture(ids, pos, start, last, slots, key)
