@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-static", action="store_true", help="skip target.generate with a static (compiled) cache")
     ap.add_argument("--no-assisted", action="store_true", help="skip transformers assisted generation")
     ap.add_argument("--no-rsd", action="store_true", help="per-component times only")
+    ap.add_argument(
+        "--no-fuse", action="store_true", help="the fast path runs the models' own forwards (no fused projections)"
+    )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
     ap.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per target forward in SD")
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="add this run's rows to an existing output of the same device and versions (each row keeps its command)",
     )
     args = ap.parse_args(argv)
+    fast.FUSE = not args.no_fuse
     args.argv = sys.argv[1:] if argv is None else argv
     if args.queue_prompts is not None and args.queue_prompts < 1:
         ap.error(f"--queue-prompts must be >= 1, got {args.queue_prompts}")
@@ -466,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
         "timing": f"median of {args.repeats} synchronised runs after a warm-up ({args.baseline_repeats} for "
         "transformers' generate baselines)",
         "compile_options": dict(fast.COMPILE_OPTIONS),
+        "fused_projections": fast.FUSE,
         "rows": rows,
         "complete": False,
         "command": result_command(args),

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .fused import fused_forward, fused_layout
 from .kv import RowCache, cache_kwarg, causal_lm_forward, gather_rows, hidden_forward, last_positions, pick_rows
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
@@ -41,6 +42,7 @@ MAX_GRAPH_WINDOW = 16  # output windows (speculative verification) captured up t
 MODES = ("auto", "off", "static", "graphs", "compile")
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a plain head: the graph's assumptions
 COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile keywords for the one-token forward ("compile" mode)
+FUSE = True  # fused QKV and gate/up projections where a model allows them (see `fused`); False: the model's forward
 
 
 class StaticKV:
@@ -134,6 +136,7 @@ class StaticRowCache(RowCache):
         self._backbone = weakref.ref(backbone)  # the kept-caches table is keyed weakly by it: do not pin the model
         self.head, self.config = head, config
         self.cache_kwarg = cache_kwarg(backbone)  # resolved here, not inside a traced or compiled forward
+        self.fused = fused_layout(backbone) if FUSE else None  # fused projections (None: the model's own forward)
         self.device = backbone.get_input_embeddings().weight.device
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
@@ -161,6 +164,10 @@ class StaticRowCache(RowCache):
         """Start over for a new batch of `batch_size` (= B) rows; buffers and captured graphs are kept."""
         assert batch_size == self.batch_size, "a StaticRowCache serves one batch size"
         dev = self.device
+        if self.fused is not None and fused_layout(self.backbone) is not self.fused:  # the parameters were replaced
+            self.fused = fused_layout(self.backbone)
+            self._captured.clear()  # graphs read the old buffers
+            self._pool, self._compiled = None, None
         if not hasattr(self, "colmask") or self.colmask.shape[1] != self.kv.capacity:
             C = self.kv.capacity
             self.colmask = torch.zeros(self.batch_size + 1, C, dtype=torch.bool, device=dev)  # colmask: [B + 1, C]
@@ -348,9 +355,12 @@ class StaticRowCache(RowCache):
         allowed = allowed | (c == cols[:, None])  # a padded query attends to itself: never an all-masked row
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=cols.device)
         mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # mask: [N, 1, W, C]
-        kw = {self.cache_kwarg: self.kv}
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        hidden = hidden.last_hidden_state  # hidden: [N, W, H]
+        if self.fused is not None:
+            hidden = fused_forward(self.backbone, self.fused, ids, mask, pos, self.kv)  # hidden: [N, W, H]
+        else:
+            kw = {self.cache_kwarg: self.kv}
+            hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+            hidden = hidden.last_hidden_state  # hidden: [N, W, H]
         return self.head(pick_rows(hidden, last))
 
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor,

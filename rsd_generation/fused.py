@@ -1,0 +1,144 @@
+"""Decoder forwards with fewer, larger kernels for the fast path: fused QKV and gate/up projections.
+
+At small batch a decode step is a chain of matrix-vector products, and small ones (the key and value projections
+of a grouped-query model are an eighth of the query's) reach a fraction of the memory bandwidth. Laying out each
+layer's q/k/v weights in one buffer and its gate/up weights in another turns seven products per layer into four.
+The model's own parameters become views of the fused buffers, so no weight is stored twice and the model (its
+`state_dict`, `save_pretrained`, a later plain `generate`) sees the same values.
+
+`fused_layout` lays a model out (once; again if its parameters were replaced, e.g. by `.to()`), or says why it
+cannot; `fused_forward` runs the decoder over a static cache with the model's own norms, rotary embedding,
+activation and output projections, the same math as the model's forward with an explicit 4-D mask and positions.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+@dataclass
+class FusedLayer:
+    """One decoder layer's fused projections; `sizes`: the q, k and v widths of `qkv`'s output."""
+
+    qkv: torch.Tensor  # qkv: [Q + K + V, H]
+    qkv_bias: torch.Tensor | None  # [Q + K + V]
+    gate_up: torch.Tensor  # gate_up: [2 I, H]
+    gate_up_bias: torch.Tensor | None  # [2 I]
+    sizes: tuple[int, int, int]
+
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fused_layout(backbone: nn.Module) -> list[FusedLayer] | None:
+    """The fused projections of every decoder layer of `backbone` (a Llama/Qwen2/Qwen3 model body), laid out on
+    first use, the layers' parameters turned into views of them; None when a layer does not fit (see
+    `why_not_fused`)."""
+    if why_not_fused(backbone) is not None:
+        return None
+    layers = _LAYOUTS.get(backbone)
+    if layers is None or not all(_still_views(f, layer) for f, layer in zip(layers, backbone.layers, strict=True)):
+        with torch.no_grad():
+            layers = [_fuse(layer) for layer in backbone.layers]
+        _LAYOUTS[backbone] = layers
+    return layers
+
+
+def why_not_fused(backbone: nn.Module) -> str | None:
+    """Why `backbone`'s layers cannot be fused (None when they can)."""
+    layers = getattr(backbone, "layers", None)
+    if layers is None or getattr(backbone, "rotary_emb", None) is None or getattr(backbone, "norm", None) is None:
+        return "not a decoder with layers, a rotary embedding and a final norm"
+    devices = set()
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+        projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        if not all(type(p) is nn.Linear for p in projections) or not hasattr(mlp, "act_fn"):
+            return f"layer {i}'s projections are not plain nn.Linear (quantized or adapted layers keep their own)"
+        for group in (projections[:3], projections[3:]):
+            weights = [p.weight for p in group]
+            if len({(w.dtype, w.device) for w in weights}) > 1 or len({p.bias is None for p in group}) > 1:
+                return f"layer {i}'s projections differ in dtype, device or bias"
+            devices.add(weights[0].device)
+        if any(hasattr(m, "_hf_hook") for m in (backbone, layer, attn, mlp)):
+            return "the model is dispatched by accelerate (its hooks move tensors between devices)"
+    if len(devices) > 1:
+        return "the layers are spread over devices"
+    return None
+
+
+def _fuse(layer: nn.Module) -> FusedLayer:
+    """Lay one layer's q/k/v and gate/up weights (and biases) out in one buffer each, the parameters becoming views."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, qkv_bias = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up, gate_up_bias = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+    sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+    return FusedLayer(qkv, qkv_bias, gate_up, gate_up_bias, sizes)
+
+
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of `linears` along their outputs; each parameter becomes a view."""
+    weight = torch.cat([p.weight.data for p in linears])  # weight: [sum of outputs, H]
+    bias = torch.cat([p.bias.data for p in linears]) if linears[0].bias is not None else None
+    start = 0
+    for p in linears:
+        n = p.out_features
+        p.weight.data = weight[start : start + n]
+        if bias is not None:
+            p.bias.data = bias[start : start + n]
+        start += n
+    return weight, bias
+
+
+def _still_views(fused: FusedLayer, layer: nn.Module) -> bool:
+    """Whether the layer's parameters still live in the fused buffers (`.to()` or a reload replaces them)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    pairs = [(fused.qkv, p.weight) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    pairs += [(fused.gate_up, p.weight) for p in (mlp.gate_proj, mlp.up_proj)]
+    return all(w.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for buf, w in pairs)
+
+
+def fused_forward(
+    backbone: nn.Module,
+    layers: list[FusedLayer],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache,
+) -> torch.Tensor:
+    """The decoder over a chunk: the last hidden state `(N, W, H)`.
+
+    Args:
+        backbone (`nn.Module`): the model body whose layers `layers` describes.
+        input_ids (`torch.LongTensor` of shape `(N, W)`): the chunk.
+        attention_mask (`torch.Tensor` of shape `(N, 1, W, C)`): additive, over the cache's C columns.
+        position_ids (`torch.LongTensor` of shape `(N, W)`): each token's position.
+        cache: a static cache with `update(keys, values, layer_idx)` returning the layer's keys and values
+            `(N, H_kv, C, D)`.
+    """
+    x = backbone.embed_tokens(input_ids)  # x: [N, W, H]
+    cos, sin = backbone.rotary_emb(x, position_ids)
+    N, W = input_ids.shape
+    for i, (layer, f) in enumerate(zip(backbone.layers, layers, strict=True)):
+        attn = layer.self_attn
+        D = attn.head_dim
+        q, k, v = F.linear(layer.input_layernorm(x), f.qkv, f.qkv_bias).split(f.sizes, -1)  # q: [N, W, Hq * D]
+        q, k, v = q.view(N, W, -1, D), k.view(N, W, -1, D), v.view(N, W, -1, D)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # q: [N, Hq, W, D]
+        keys, values = cache.update(k, v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
+        )  # o: [N, Hq, W, D]
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(N, W, -1))
+        gate, up = F.linear(layer.post_attention_layernorm(x), f.gate_up, f.gate_up_bias).chunk(2, -1)
+        x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    return backbone.norm(x)
