@@ -105,6 +105,33 @@ def _still_views(fused: FusedLayer, layer: nn.Module) -> bool:
     return all(w.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for buf, w in pairs)
 
 
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+                      masks: dict | None = None) -> torch.Tensor:  # fmt: skip
+    """Attention of grouped-query heads without copying keys: the G query heads that share a key/value head go in
+    as G x W queries of that head (the model's own forward repeats each key and value G times under a mask, which
+    at batch 16 reads and writes several GB per step).
+
+    Args:
+        q (`torch.Tensor` of shape `(N, Hq, W, D)`): queries; head h reads key/value head h // G.
+        keys, values (`torch.Tensor` of shape `(N, Hkv, C, D)`).
+        mask (`torch.Tensor` of shape `(N, 1, W, C)`): additive.
+        masks (`dict`, *optional*): a cache of the grouped masks, by G (the same for every layer of a forward).
+    Returns:
+        `torch.Tensor` of shape `(N, Hq, W, D)`.
+    """
+    N, Hq, W, D = q.shape
+    G = Hq // keys.shape[1]
+    if G == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    grouped = masks.get(G) if masks is not None else None
+    if grouped is None:  # query g * W + w of a group is query w of head g: mask row w
+        grouped = mask[:, :, None].expand(N, 1, G, W, mask.shape[-1]).reshape(N, 1, G * W, mask.shape[-1])
+        if masks is not None:
+            masks[G] = grouped
+    o = F.scaled_dot_product_attention(q.reshape(N, Hq // G, G * W, D), keys, values, attn_mask=grouped, scale=scale)
+    return o.view(N, Hq // G, G, W, D).reshape(N, Hq, W, D)
+
+
 def fused_forward(
     backbone: nn.Module,
     layers: list[FusedLayer],
@@ -126,6 +153,7 @@ def fused_forward(
     x = backbone.embed_tokens(input_ids)  # x: [N, W, H]
     cos, sin = backbone.rotary_emb(x, position_ids)
     N, W = input_ids.shape
+    masks: dict[int, torch.Tensor] = {}  # per query-group size G: the mask of G grouped queries
     for i, (layer, f) in enumerate(zip(backbone.layers, layers, strict=True)):
         attn = layer.self_attn
         D = attn.head_dim
@@ -135,9 +163,7 @@ def fused_forward(
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # q: [N, Hq, W, D]
         keys, values = cache.update(k, v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
-        o = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1]
-        )  # o: [N, Hq, W, D]
+        o = grouped_attention(q, keys, values, attention_mask, attn.scaling, masks)  # o: [N, Hq, W, D]
         x = x + attn.o_proj(o.transpose(1, 2).reshape(N, W, -1))
         gate, up = F.linear(layer.post_attention_layernorm(x), f.gate_up, f.gate_up_bias).chunk(2, -1)
         x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)

@@ -4,10 +4,11 @@ again."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from rsd_generation.fast import row_cache
-from rsd_generation.fused import fused_layout, why_not_fused
+from rsd_generation.fused import fused_layout, grouped_attention, why_not_fused
 from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
 from rsd_generation.testing import make_lm
 
@@ -87,3 +88,21 @@ def test_layers_that_do_not_fit_keep_the_models_forward(tok):
     assert "differ in dtype, device or bias" in why_not_fused(model.model)
     assert fused_layout(model.model) is None
     assert row_cache(model, "fused-none", 1, 0, "static", 64).fused is None
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_grouped_attention_equals_attention_over_repeated_keys(G):
+    """Grouping the queries that share a key/value head gives what repeating each key and value G times gives."""
+    g = torch.Generator().manual_seed(0)
+    N, Hkv, W, C, D = 2, 2, 3, 8, 4
+    q = torch.randn(N, Hkv * G, W, D, generator=g)
+    keys, values = torch.randn(N, Hkv, C, D, generator=g), torch.randn(N, Hkv, C, D, generator=g)
+    allowed = torch.rand(N, 1, W, C, generator=g) < 0.7
+    allowed[..., 0] = True
+    mask = torch.zeros(N, 1, W, C).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref = F.scaled_dot_product_attention(
+        q, keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1), attn_mask=mask, scale=0.3
+    )
+    masks: dict = {}
+    torch.testing.assert_close(grouped_attention(q, keys, values, mask, 0.3, masks), ref, rtol=1e-5, atol=1e-5)
+    assert (G in masks) == (G > 1)  # the grouped mask is built once per forward
