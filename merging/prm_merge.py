@@ -22,7 +22,13 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import cached_file
 
 from rsd_generation.paths import check_checkpoint_path, overlaps
-from rsd_generation.rewards import VALUE_HEAD_FILE, checkpoint_tensor_files, tensor_names
+from rsd_generation.rewards import (
+    VALUE_HEAD_FILE,
+    checkpoint_tensor_files,
+    read_prm_format,
+    tensor_names,
+    write_prm_format,
+)
 
 LM_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 # files carried over from the policy as they are (those that exist)
@@ -235,6 +241,9 @@ def merge_prm_with_policy(
         head = {n: _read(prm_files, n).contiguous() for n in head_names}
         save_file(head, tmp / VALUE_HEAD_FILE, metadata={"format": "pt"})
         _copy_policy_files(policy, tmp)
+        fmt = read_prm_format(prm)  # the PRM's input format stays with its head
+        if fmt is not None:
+            write_prm_format(tmp, fmt["step_token"], fmt["strip_steps"])
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

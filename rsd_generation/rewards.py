@@ -24,6 +24,8 @@ from .kv import RowCache, pad_right
 from .paths import check_checkpoint_path
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # a merged checkpoint's PRM head, outside the index
+PRM_FORMAT_FILE = "rsd_prm_format.json"  # a value-head PRM's input format: {"step_token": str, "strip_steps": bool}
+REFERENCE_STEP_TOKEN = "\n\n"  # the RSD reference's PRM input: each step unstripped, then the token of "\n\n"
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 _SENTINEL = "\x00RSD-STEPS\x00"
 
@@ -198,25 +200,46 @@ class RewardModel:
 class ValueHeadPRM(RewardModel):
     """Skywork-o1-Open-PRM layout: Qwen2 backbone + `v_head.summary` Linear(H, 1); reward = sigmoid at step tokens.
 
-    Input: `bos + problem + "\\n"`, then each step tokenized on its own followed by the step token.
+    Input: `bos + problem + "\\n"`, then each step tokenized on its own followed by the step token. Two formats:
+    the RSD reference's (the default, on which the paper tuned its thresholds): the step as generated, its trailing
+    step token removed, then the token of `"\\n\\n"`; Skywork's README (`step_token="\\n"`): the stripped step, then
+    the token of `"\\n"`.
+
+    Args:
+        step_token (`str`): the text whose last token follows each step; the reward is read there.
+        strip_steps (`bool`, *optional*): strip each step's whitespace first; default: only for `step_token="\\n"`.
     """
 
     kind = "value_head"
 
-    def __init__(self, backbone: PreTrainedModel, head: nn.Module, tokenizer, step_token: str = "\n"):
+    def __init__(self, backbone: PreTrainedModel, head: nn.Module, tokenizer, step_token: str = REFERENCE_STEP_TOKEN,
+                 strip_steps: bool | None = None):  # fmt: skip
         super().__init__(backbone, head, tokenizer)
+        if not isinstance(step_token, str) or not step_token:
+            raise ValueError(f"step_token must be a non-empty string, got {step_token!r}")
         ids = self._encode(step_token)
         if not ids:
             raise ValueError(f"the PRM's tokenizer encodes its step token {step_token!r} to no token")
+        self.step_token = step_token
         self.step_token_id = ids[-1]
+        self.strip_steps = step_token == "\n" if strip_steps is None else bool(strip_steps)
 
     def prefix_ids(self, problem: str) -> list[int]:
         """`bos + problem + "\\n"`."""
         return self._encode((self.tokenizer.bos_token or "") + problem + "\n")
 
     def step_ids(self, step: str) -> list[int]:
-        """The stripped step's tokens, then the step token."""
-        return [*self._encode(step.strip()), self.step_token_id]
+        """The step's tokens (stripped, or without its trailing step token), then the step token."""
+        if self.strip_steps:
+            text = step.strip()
+        else:  # as the reference splits a response at the step token
+            text = step[: -len(self.step_token)] if step.endswith(self.step_token) else step
+        return [*self._encode(text), self.step_token_id]
+
+    @property
+    def input_format(self) -> dict:
+        """The input format, as a checkpoint records it (`PRM_FORMAT_FILE`)."""
+        return {"step_token": self.step_token, "strip_steps": self.strip_steps}
 
     def reward(self, hidden: torch.Tensor) -> torch.Tensor:
         """sigmoid(v_head(h))."""
@@ -394,6 +417,8 @@ def load_reward_model(
     kind: str = "auto",
     tokenizer=None,
     backbone: PreTrainedModel | None = None,
+    step_token: str | None = None,
+    strip_steps: bool | None = None,
     **from_pretrained_kwargs,
 ) -> RewardModel:
     """Load a reward model as an RSD adapter.
@@ -406,6 +431,9 @@ def load_reward_model(
         tokenizer: the reward model's tokenizer; default: loaded from the checkpoint.
         backbone (`PreTrainedModel`, *optional*): an already loaded model whose backbone the PRM shares (a merged
             policy+PRM checkpoint); only the head is read from `path_or_model`.
+        step_token (`str`, *optional*), strip_steps (`bool`, *optional*): a value-head PRM's input format (see
+            `ValueHeadPRM`). Default: the format the checkpoint records in `rsd_prm_format.json`, else the RSD
+            reference's (`"\\n\\n"`, steps unstripped); `step_token="\\n"` gives Skywork's README format.
         from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `device_map`, ...).
     Returns:
         `RewardModel`.
@@ -431,6 +459,10 @@ def load_reward_model(
             )
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(path)
+    if kind != ValueHeadPRM.kind and (step_token is not None or strip_steps is not None):
+        raise ValueError(
+            f"step_token and strip_steps set a value_head PRM's input format; {path!r} is a {kind} reward model"
+        )
     if kind == SequenceClassificationRM.kind:
         if backbone is not None:
             raise ValueError("backbone= is only supported for value_head and qwen_prm reward models")
@@ -443,9 +475,39 @@ def load_reward_model(
     hidden_size = backbone.config.get_text_config().hidden_size
     if kind == ValueHeadPRM.kind:
         head = _head_from(read_tensors(files, "v_head.summary."), hidden_size, "linear", f"{path} v_head.summary")
-        return ValueHeadPRM(backbone, _place(head, backbone), tokenizer)
+        if step_token is None:
+            recorded = read_prm_format(path) or {"step_token": REFERENCE_STEP_TOKEN, "strip_steps": False}
+            step_token = recorded["step_token"]
+            strip_steps = recorded["strip_steps"] if strip_steps is None else strip_steps
+        return ValueHeadPRM(backbone, _place(head, backbone), tokenizer, step_token, strip_steps)
     head = _head_from(read_tensors(files, "score."), hidden_size, "mlp", f"{path} score")
     return QwenPRM(backbone, _place(head, backbone), tokenizer)
+
+
+def read_prm_format(path: str | os.PathLike) -> dict | None:
+    """The input format a value-head PRM checkpoint records (`PRM_FORMAT_FILE`), or None when it records none."""
+    fname = cached_file(str(path), PRM_FORMAT_FILE, _raise_exceptions_for_missing_entries=False)
+    if fname is None:
+        return None
+    try:
+        fmt = json.loads(Path(fname).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{fname}: not JSON ({e})") from e
+    ok = (
+        isinstance(fmt, dict)
+        and isinstance(fmt.get("step_token"), str)
+        and fmt["step_token"]
+        and isinstance(fmt.get("strip_steps"), bool)
+    )
+    if not ok:
+        raise ValueError(f'{fname} must hold {{"step_token": <non-empty string>, "strip_steps": <bool>}}, got {fmt!r}')
+    return {"step_token": fmt["step_token"], "strip_steps": fmt["strip_steps"]}
+
+
+def write_prm_format(path: str | os.PathLike, step_token: str, strip_steps: bool) -> None:
+    """Record a value-head PRM checkpoint's input format beside its weights."""
+    text = json.dumps({"step_token": step_token, "strip_steps": strip_steps}, indent=2) + "\n"
+    (Path(path) / PRM_FORMAT_FILE).write_text(text)
 
 
 def _from_loaded(model: PreTrainedModel, kind: str, tokenizer) -> RewardModel:

@@ -84,22 +84,29 @@ class EndRowZeroEarly:
 
 
 def median_reward(target, draft, prm, tok, prompts) -> float:
-    """A threshold that splits the draft's step rewards in two (so both branches run)."""
+    """A threshold that splits the draft's step rewards in two (so both branches run), halfway between two of them:
+    a threshold equal to a reward would let paths that round differently decide that step differently."""
     out = rsd_generate(target, draft, prm, tok, prompts, rsd_threshold=0.0)
     rewards = sorted(s["reward"] for row in out.rsd_stats["steps"] for s in row)
-    return rewards[len(rewards) // 2]
+    k = len(rewards) // 2
+    return (rewards[k - 1] + rewards[k]) / 2 if k else rewards[0]
 
 
-def skywork_reference(tok, backbone, v_head: dict, problem: str, steps: list[str]) -> list[float]:
-    """Skywork-format rewards computed directly: one forward of the whole text, sigmoid(v_head(h)) at step tokens.
+def skywork_reference(
+    tok, backbone, v_head: dict, problem: str, steps: list[str], reference: bool = False
+) -> list[float]:
+    """Value-head rewards computed directly: one forward of the whole text, sigmoid(v_head(h)) at step tokens.
 
-    Input: `bos + problem + "\\n"`, then each stripped step tokenized on its own followed by the "\\n" token.
+    Input: `bos + problem + "\\n"`, then each step tokenized on its own followed by the step token. Skywork's README
+    format: the stripped step and the "\\n" token; with `reference`, the RSD reference's (`prepare_input` with
+    `step_token="\\n\\n"`): the response split at "\\n\\n", each piece as it is, then the "\\n\\n" token.
     """
-    step_id = tok.encode("\n", add_special_tokens=False)[-1]
+    step_id = tok.encode("\n\n" if reference else "\n", add_special_tokens=False)[-1]
     ids = tok.encode(tok.bos_token + problem + "\n", add_special_tokens=False)
     positions = []
-    for step in steps:
-        ids += [*tok.encode(step.strip(), add_special_tokens=False), step_id]
+    pieces = "".join(steps).split("\n\n") if reference else [s.strip() for s in steps]
+    for piece in [p for p in pieces if p] if reference else pieces:
+        ids += [*tok.encode(piece, add_special_tokens=False), step_id]
         positions.append(len(ids) - 1)
     with torch.no_grad():
         h = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, positions]

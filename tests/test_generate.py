@@ -89,7 +89,7 @@ def test_streamer_receives_accepted_steps_only(qwen_pair, prm, tok):
     assert streamer.chunks[0] == prompt_ids and streamer.ended
     kept = [s for s in steps if s["accepted"]]
     assert [len(c) for c in streamer.chunks[1:]] == [s["n_tokens"] for s in kept]
-    assert [tok.decode(c) for c in streamer.chunks[1:]] == [s["text"] for s in kept]
+    assert [tok.decode(c, skip_special_tokens=True) for c in streamer.chunks[1:]] == [s["text"] for s in kept]
     assert functools.reduce(operator.iadd, streamer.chunks[1:], []) == out.sequences[0, len(prompt_ids) :].tolist()
 
 

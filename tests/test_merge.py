@@ -88,7 +88,7 @@ def test_output_loads_as_policy_and_as_prm(policy_dir, prm_dir, merged_dir, tok,
         torch.testing.assert_close(policy(**ids).logits, ref(**ids).logits, rtol=1e-5, atol=1e-5)
     prm = rsd.load_reward_model(merged_dir, tokenizer=tok)
     assert isinstance(prm, rsd.ValueHeadPRM)
-    expected = skywork_reference(tok, ref.model, _weights(prm_dir), PROBLEM, STEPS)
+    expected = skywork_reference(tok, ref.model, _weights(prm_dir), PROBLEM, STEPS, reference=True)  # no record
     assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected, abs=1e-5)
 
 
@@ -266,3 +266,16 @@ def test_checkpoint_without_architectures_is_refused(policy_dir, prm_dir, tmp_pa
     with pytest.raises(MergeError, match="names no architectures"):
         merge_prm_with_policy(bare, prm_dir, out)
     assert _nothing_written(out)
+
+
+def test_the_prms_recorded_input_format_goes_with_its_head(policy_dir, tmp_path, tok):
+    """A merged checkpoint scores in the format its PRM was trained in; a PRM with no record gives a merge with none
+    (the loader's default, the RSD reference's format)."""
+    from rsd_generation.rewards import PRM_FORMAT_FILE, read_prm_format, write_prm_format
+
+    prm = save_value_head_prm(tmp_path / "prm", tok, seed=5)
+    assert read_prm_format(merge_prm_with_policy(policy_dir, prm, tmp_path / "plain")) is None
+    write_prm_format(prm, "\n", True)
+    out = merge_prm_with_policy(policy_dir, prm, tmp_path / "recorded")
+    assert (out / PRM_FORMAT_FILE).read_bytes() == (prm / PRM_FORMAT_FILE).read_bytes()
+    assert rsd.load_reward_model(out, tokenizer=tok).input_format == {"step_token": "\n", "strip_steps": True}

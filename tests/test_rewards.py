@@ -26,12 +26,36 @@ def _hidden(path, ids: list[int]) -> torch.Tensor:
 
 
 def test_value_head_scores_equal_reference_from_hidden_states(skywork_path, tok):
-    prm = rsd.load_reward_model(skywork_path, tokenizer=tok)
-    assert isinstance(prm, rsd.ValueHeadPRM)
+    """With no recorded format a value-head PRM reads the RSD reference's input (each step as split at "\\n\\n",
+    then the "\\n\\n" token); `step_token="\\n"` gives Skywork's README input (stripped steps, the "\\n" token)."""
     w = load_file(skywork_path / "model.safetensors")
     backbone = Qwen2Model.from_pretrained(skywork_path).eval()
-    expected = skywork_reference(tok, backbone, w, PROBLEM, STEPS)
-    assert prm.score_steps(PROBLEM, STEPS) == pytest.approx(expected, abs=1e-5)
+    steps = [" " + STEPS[0], *STEPS[1:]]  # a leading space: kept by the reference's input, stripped by Skywork's
+    prm = rsd.load_reward_model(skywork_path, tokenizer=tok)
+    assert isinstance(prm, rsd.ValueHeadPRM) and prm.input_format == {"step_token": "\n\n", "strip_steps": False}
+    reference = skywork_reference(tok, backbone, w, PROBLEM, steps, reference=True)
+    assert prm.score_steps(PROBLEM, steps) == pytest.approx(reference, abs=1e-5)
+    skywork = rsd.load_reward_model(skywork_path, tokenizer=tok, step_token="\n")
+    assert skywork.input_format == {"step_token": "\n", "strip_steps": True}
+    expected = skywork_reference(tok, backbone, w, PROBLEM, steps)
+    assert skywork.score_steps(PROBLEM, steps) == pytest.approx(expected, abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(reference, expected, strict=True)) > 1e-3  # the formats differ here
+
+
+def test_a_recorded_input_format_is_used_and_a_bad_one_refused(tmp_path, tok):
+    path = save_value_head_prm(tmp_path / "prm", tok)
+    rsd.rewards.write_prm_format(path, "\n", True)
+    assert rsd.load_reward_model(path, tokenizer=tok).input_format == {"step_token": "\n", "strip_steps": True}
+    given = rsd.load_reward_model(path, tokenizer=tok, step_token="\n\n", strip_steps=False)  # arguments win
+    assert given.input_format == {"step_token": "\n\n", "strip_steps": False}
+    (path / rsd.rewards.PRM_FORMAT_FILE).write_text('{"step_token": "", "strip_steps": true}')
+    with pytest.raises(ValueError, match=r"rsd_prm_format\.json must hold"):
+        rsd.load_reward_model(path, tokenizer=tok)
+
+
+def test_an_input_format_for_another_kind_is_refused(qwen_prm_path, tok):
+    with pytest.raises(ValueError, match="step_token and strip_steps set a value_head PRM's input format"):
+        rsd.load_reward_model(qwen_prm_path, tokenizer=tok, step_token="\n")
 
 
 def test_qwen_prm_scores_equal_reference_from_hidden_states(qwen_prm_path, tok):

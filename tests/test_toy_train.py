@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+from rsd_generation.benchmarks.cli import TOY
 from rsd_generation.benchmarks.toy.task import Problem, split_steps, step_labels
 from rsd_generation.benchmarks.toy.tokenizer import build_toy_tokenizer
 from rsd_generation.benchmarks.toy.train import prm_example, roc_auc
 
 import rsd_generation as rsd
+from rsd_generation.rewards import read_prm_format
 
 
 def test_roc_auc_on_a_hand_computed_case():
@@ -24,6 +26,9 @@ def test_prm_training_layout_is_what_the_adapter_feeds():
     ids, pos, labels = prm_example(tok, p, steps, step_labels(p, steps))
     adapter = rsd.ValueHeadPRM.__new__(rsd.ValueHeadPRM)  # format methods only: no model needed
     adapter.tokenizer, adapter.step_token_id = tok, tok.encode("\n", add_special_tokens=False)[-1]
+    fmt = read_prm_format(TOY / "prm-small")  # what the shipped PRMs record
+    adapter.step_token, adapter.strip_steps = fmt["step_token"], fmt["strip_steps"]
+    assert fmt == {"step_token": "\n", "strip_steps": True}
     expected = adapter.prefix_ids(p.prompt)
     for s in steps:
         expected += adapter.step_ids(s)

@@ -28,6 +28,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from rsd_generation.rewards import write_prm_format
+
 from ..io import refuse_overwrite, write_json_atomic
 from .task import LEVELS, Problem, is_correct, problems, split_steps, step_labels
 from .tokenizer import build_toy_tokenizer
@@ -242,6 +244,7 @@ def save_prm(prm: PRMHead, policy_cls_config: Qwen2Config, tok, path: Path) -> N
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = ["Qwen2ForPrmModel"]
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_prm_format(path, "\n", True)  # trained on Skywork's README format (prm_example), so scored in it
 
 
 def accuracy(probs: list[Problem], texts: list[str]) -> dict:
