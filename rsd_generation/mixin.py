@@ -131,12 +131,8 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
     separator = rsd.get("rsd_step_separator", "\n\n")
     if not isinstance(separator, str) or not separator:
         raise ValueError(f"rsd_step_separator must be a non-empty string, got {separator!r}")
-    max_step_tokens = rsd.get("rsd_max_step_tokens", 512)
-    if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
-        raise ValueError(f"rsd_max_step_tokens must be an int >= 1, got {max_step_tokens!r}")
-    max_steps = rsd.get("rsd_max_steps")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"rsd_max_steps must be None or an int >= 1, got {max_steps!r}")
+    max_step_tokens = _check_int("rsd_max_step_tokens", rsd.get("rsd_max_step_tokens", 512), 1)
+    max_steps = _check_int("rsd_max_steps", rsd.get("rsd_max_steps"), 1, optional=True)
     generator = rsd.get("rsd_generator")
     if isinstance(generator, (list, tuple)):
         if not all(isinstance(g, torch.Generator) for g in generator):
@@ -147,14 +143,8 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         raise ValueError(f"rsd_generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
     check_fast_path(rsd.get("rsd_fast_path", "auto"), target)
     schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
-    max_batch_size = rsd.get("rsd_max_batch_size")
-    if max_batch_size is not None and (
-        not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1
-    ):
-        raise ValueError(f"rsd_max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
-    speculative = rsd.get("rsd_speculative", 0)
-    if not isinstance(speculative, int) or isinstance(speculative, bool) or speculative < 0:
-        raise ValueError(f"rsd_speculative must be an int >= 0 (γ, 0: off), got {speculative!r}")
+    max_batch_size = _check_int("rsd_max_batch_size", rsd.get("rsd_max_batch_size"), 1, optional=True)
+    speculative = _check_int("rsd_speculative", rsd.get("rsd_speculative", 0), 0, what=" (γ, 0: off)")
     reward_prompts = rsd.get("reward_prompts")
     if reward_prompts is not None and (
         isinstance(reward_prompts, str) or not all(isinstance(p, str) for p in reward_prompts)
@@ -212,3 +202,13 @@ def with_rsd(model: PreTrainedModel) -> PreTrainedModel:
     if not isinstance(model, RSDGenerationMixin):
         model.__class__ = _rsd_class(type(model))
     return model
+
+
+def _check_int(name: str, value, minimum: int, optional: bool = False, what: str = "") -> int | None:
+    """`value` if it is an int >= `minimum` (a bool is not; None too when `optional`), else a ValueError naming it."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        allowed = f"{'None or ' if optional else ''}an int >= {minimum}{what}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value

@@ -145,6 +145,8 @@ def test_with_rsd_is_in_place_idempotent_and_keeps_the_class_name(tok):
         ({"num_return_sequences": 2, "do_sample": True}, "num_return_sequences must be 1, got 2"),
         ({"rsd_max_step_tokens": 0}, "rsd_max_step_tokens must be an int >= 1, got 0"),
         ({"rsd_max_steps": -1}, "rsd_max_steps must be None or an int >= 1, got -1"),
+        ({"rsd_max_step_tokens": True}, "rsd_max_step_tokens must be an int >= 1, got True"),
+        ({"rsd_max_steps": True}, "rsd_max_steps must be None or an int >= 1, got True"),
         ({"rsd_step_separator": ""}, "rsd_step_separator must be a non-empty string"),
         ({"reward_prompts": ["only one"]}, "one problem per row: got 1 for 3 rows"),
         ({"tokenizer": None}, "RSD needs tokenizer="),
