@@ -297,6 +297,8 @@ def decode_step(
     """
     dev = cache.device
     active = rows.cpu().nonzero().flatten()  # active: [N], the rows each one-token forward runs (see RowCache.feed)
+    # tokens after which every row has ended, known on the host (a proposal of gamma tokens always ends there)
+    limit = min(rules.max_step_tokens, int(budget.cpu()[active].max())) if len(active) else 0
     rows, budget, eos = rows.to(dev), budget.to(dev), s.eos.to(dev)
     groups = ctx.groups(cache.rows, rows, dev) if len(s.processors) or len(rules.user) else []
     ahead = getattr(cache, "run_ahead", False)  # queue each forward before the host learns whether it is needed
@@ -323,6 +325,8 @@ def decode_step(
             user_stop |= alive & hit
             ended |= hit
         alive &= ~ended
+        if step.shape[1] >= limit:  # every row has ended: no flag to wait for, no forward to queue
+            break
         going_on.set(alive.any())
         if ahead:  # the GPU runs this forward while the host reads the flag (wasted, all rows masked, at the end)
             logits = cache.feed(tok[:, None], alive[:, None], rows=active)

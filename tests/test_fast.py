@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 from conftest import PROMPTS, EndRowZeroEarly, encode, median_reward, rsd_generate
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 import rsd_generation as rsd
 from rsd_generation import fast
+from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step
 from rsd_generation.fast import StaticRowCache, fast_mode, release_fast_caches, row_cache
 from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
 from rsd_generation.testing import make_lm
@@ -185,3 +186,20 @@ def test_kept_caches_do_not_keep_a_model_alive(tok, prm):
     del draft
     gc.collect()
     assert gone() is None
+
+
+@pytest.mark.parametrize(("max_step_tokens", "budget", "forwards"), [(4, 100, 4), (10, 3, 3)])
+def test_a_step_whose_end_the_host_knows_queues_no_extra_forward(tok, max_step_tokens, budget, forwards):
+    """On the static path a step runs each forward before the host knows it is needed; when every row must end at
+    the step's token limit or its budget (a proposal of γ tokens), no forward is queued after the last token."""
+    model = make_lm("qwen2", len(tok), seed=3)
+    cache = row_cache(model, f"run-ahead-{max_step_tokens}", 2, 0, "static", 64)
+    cache.pending = [[5, 6, 7], [8, 9]]
+    s = Sampling(LogitsProcessorList(), False, None, len(tok), torch.empty(0, dtype=torch.long), 0)
+    rules = StepRules(None, max_step_tokens, StoppingCriteriaList())
+    rows = torch.ones(2, dtype=torch.bool)
+    steps, _, _ = decode_step(
+        cache, RowIds(torch.zeros(2, 3, dtype=torch.long), 0), rows, torch.full((2,), budget), s, rules
+    )
+    assert [len(y) for y in steps] == [forwards, forwards]
+    assert cache.forward_calls == forwards  # the prompt chunk and one forward per later token
