@@ -145,6 +145,12 @@ class StaticRowCache(RowCache):
         self.kv = StaticKV(_kv_shapes(config), batch_size, capacity, self.dtype, devices)
         self.requested = (graphs, compile_decode)  # what the caller asked for: a kept cache serves the same ask
         self.graphs = graphs and self.device.type == "cuda" and len(set(devices)) == 1
+        if graphs and len(set(devices)) > 1:
+            warnings.warn(
+                f"{type(backbone).__name__} is spread over {sorted(map(str, set(devices)))}: a CUDA graph is captured "
+                "on one device, so this model runs the fixed-shape caches eagerly (rsd_fast_path='static')",
+                stacklevel=4,
+            )
         self.compile_decode = compile_decode and self.graphs
         self.run_ahead = True  # decode_step may queue a forward before it knows any row needs it (no host sync)
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
@@ -245,7 +251,7 @@ class StaticRowCache(RowCache):
             self.colmask[B] = False  # the spare row never holds context
             self._slot_tokens.index_add_(0, slots[: len(sel)], n[: len(sel)])
         wide = window if window is None or not self.graphs else _bucket(window)
-        out = self._run(x, pos, self.cursor, last_positions(n, wide), slots)  # out: [N, X] or [N, wide, X]
+        out = self._run(x, pos, self.cursor, last_positions(n, wide), slots).to(dev)  # out: [N, X] or [N, wide, X]
         if window is not None:
             out = out[:, wide - window :]  # out: [N, window, X], the last `window` positions
         self.cursor += L

@@ -108,7 +108,7 @@ class RowCache:
         self._row_tokens[self.rows] += n.cpu()
         self.forward_calls += 1
         self.padded_tokens += ids.numel() - total
-        return out
+        return out.to(self.device)  # where the inputs live (a model spread over devices outputs on its last one)
 
     def _can_gather(self) -> bool:
         """Whether rows can be gathered and written back: every layer a plain dynamic one, all filled (4-D keys) or
@@ -168,6 +168,7 @@ class RowCache:
         self.forward_calls += 1
         self.padded_tokens += sub_ids.numel() - int(n.sum())
         self.dense = False  # the other rows got masked columns
+        out = out.to(self.device)
         res = out.new_zeros(R, *out.shape[1:])  # res: [R, X] or [R, window, X]
         res[dev_sel] = out
         return res
@@ -281,7 +282,8 @@ def last_positions(n: torch.Tensor, window: int | None) -> torch.Tensor:
 
 def pick_rows(out: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """`out` `(R, L, X)` at positions `last` (`(R,)` -> `(R, X)`; `(R, W)` -> `(R, W, X)`)."""
-    rows = torch.arange(len(last), device=last.device)
+    last = last.to(out.device)  # a model spread over devices ends where its last layer lives
+    rows = torch.arange(len(last), device=out.device)
     return out[rows, last] if last.dim() == 1 else out[rows[:, None], last]
 
 
@@ -307,7 +309,8 @@ def causal_lm_forward(model) -> Forward:
             logits = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, 0]  # logits: [R, V]
         else:
             keep = torch.unique(last)  # keep: [K], sorted
-            logits = model(**inputs, use_cache=True, logits_to_keep=keep).logits  # logits: [R, K, V]
+            # on the CPU: it indexes the last hidden states, which live on the last layer's device
+            logits = model(**inputs, use_cache=True, logits_to_keep=keep.cpu()).logits  # logits: [R, K, V]
             logits = pick_rows(logits, torch.searchsorted(keep, last))  # logits: [R, V] or [R, W, V]
         return logits.float()
 

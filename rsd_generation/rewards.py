@@ -243,7 +243,8 @@ class ValueHeadPRM(RewardModel):
 
     def reward(self, hidden: torch.Tensor) -> torch.Tensor:
         """sigmoid(v_head(h))."""
-        return torch.sigmoid(self.head(hidden.to(self.head.weight.dtype)).squeeze(-1))
+        w = self.head.weight
+        return torch.sigmoid(self.head(hidden.to(w.device, w.dtype)).squeeze(-1))
 
 
 class QwenPRM(RewardModel):
@@ -271,7 +272,8 @@ class QwenPRM(RewardModel):
 
     def reward(self, hidden: torch.Tensor) -> torch.Tensor:
         """softmax(score(h))[..., 1]."""
-        return torch.softmax(self.head(hidden.to(self.head[0].weight.dtype)).float(), -1)[..., 1]
+        w = self.head[0].weight
+        return torch.softmax(self.head(hidden.to(w.device, w.dtype)).float(), -1)[..., 1]
 
 
 class SequenceClassificationRM(RewardModel):
@@ -303,7 +305,8 @@ class SequenceClassificationRM(RewardModel):
 
     def reward(self, hidden: torch.Tensor) -> torch.Tensor:
         """The score head's first (only) output."""
-        return self.head(hidden.to(self.head.weight.dtype))[..., 0]
+        w = self.head.weight
+        return self.head(hidden.to(w.device, w.dtype))[..., 0]
 
 
 KINDS: dict[str, type[RewardModel]] = {
