@@ -7,8 +7,10 @@ The model's own parameters become views of the fused buffers, so no weight is st
 `state_dict`, `save_pretrained`, a later plain `generate`) sees the same values.
 
 `fused_layout` lays a model out (once; again if its parameters were replaced, e.g. by `.to()`), or says why it
-cannot; `fused_forward` runs the decoder over a static cache with the model's own norms, rotary embedding,
-activation and output projections, the same math as the model's forward with an explicit 4-D mask and positions.
+cannot; `fused_forward` runs the decoder over a static cache with the model's own weights, rotary embedding,
+activation and output projections, the same math as the model's forward with an explicit 4-D mask and positions,
+in fewer kernels where nothing compiles them: RMS norms through `F.rms_norm` and the rotary embedding applied to
+the queries and keys at once, in place in the fused projection's output.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
+
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * (x * rsqrt(mean(x²) + eps)), in float32
 
 
 @dataclass
@@ -151,20 +155,33 @@ def fused_forward(
             `(N, H_kv, C, D)`.
     """
     x = backbone.embed_tokens(input_ids)  # x: [N, W, H]
-    cos, sin = backbone.rotary_emb(x, position_ids)
+    cos, sin = backbone.rotary_emb(x, position_ids)  # cos: [N, W, D]
+    cos, sin = cos[:, :, None], sin[:, :, None]  # over heads: [N, W, 1, D]
     N, W = input_ids.shape
     masks: dict[int, torch.Tensor] = {}  # per query-group size G: the mask of G grouped queries
     for i, (layer, f) in enumerate(zip(backbone.layers, layers, strict=True)):
         attn = layer.self_attn
-        D = attn.head_dim
-        q, k, v = F.linear(layer.input_layernorm(x), f.qkv, f.qkv_bias).split(f.sizes, -1)  # q: [N, W, Hq * D]
-        q, k, v = q.view(N, W, -1, D), k.view(N, W, -1, D), v.view(N, W, -1, D)
+        D, (Q, K, _) = attn.head_dim, f.sizes
+        qkv = F.linear(rms_norm(layer.input_layernorm, x), f.qkv, f.qkv_bias)  # qkv: [N, W, Q + K + V]
         if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # q: [N, Hq, W, D]
-        keys, values = cache.update(k, v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
-        o = grouped_attention(q, keys, values, attention_mask, attn.scaling, masks)  # o: [N, Hq, W, D]
+            q = rms_norm(attn.q_norm, qkv[..., :Q].view(N, W, -1, D))  # q: [N, W, Hq, D]
+            k = rms_norm(attn.k_norm, qkv[..., Q : Q + K].view(N, W, -1, D))
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        else:  # queries and keys rotated together
+            qk = qkv[..., : Q + K].unflatten(-1, (-1, D))  # qk: [N, W, Hq + Hkv, D]
+            q, k = (qk * cos + rotate_half(qk) * sin).split((Q // D, K // D), 2)
+        v = qkv[..., Q + K :].unflatten(-1, (-1, D))  # v: [N, W, Hkv, D]
+        keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
+        o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
         x = x + attn.o_proj(o.transpose(1, 2).reshape(N, W, -1))
-        gate, up = F.linear(layer.post_attention_layernorm(x), f.gate_up, f.gate_up_bias).chunk(2, -1)
+        gate, up = F.linear(rms_norm(layer.post_attention_layernorm, x), f.gate_up, f.gate_up_bias).chunk(2, -1)
         x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-    return backbone.norm(x)
+    return rms_norm(backbone.norm, x)
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for the RMS norms of `RMS_NORMS` through `F.rms_norm` (in float32, as they compute), others as
+    they are."""
+    if type(norm).__name__ not in RMS_NORMS:
+        return norm(x)
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
