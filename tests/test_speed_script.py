@@ -77,3 +77,19 @@ def test_the_token_agreement_control_sets_how_many_proposals_the_target_keeps():
     assert verifications(0.0) == [40, 40]
     assert all(10 < v < 30 for v in verifications(0.6))  # expected 40 / (1 + 0.6 + 0.36 + 0.22 + 0.13) ≈ 17
     assert verifications() == [40, 40]  # outside the block: random models agree on nothing
+
+
+def test_the_compile_cache_script_runs_fresh_processes(tmp_path):
+    """`benchmarks.compile_cache` runs the speed script in fresh processes sharing one cache folder and keeps each
+    process's first-use and wall seconds (here the static path on tiny shapes: the script's own plumbing)."""
+    from rsd_generation.benchmarks import compile_cache
+
+    out = tmp_path / "cache.json"
+    compile_cache.main(["--tiny", "--mode", "static", "--runs", "2", "--new-tokens", "8", "--output", str(out)])
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 2 and data["mode"] == "static"
+    for run in data["runs"]:
+        assert run["process_seconds"] > run["first_use_seconds"] > 0
+        assert run["ms_per_forward"]["draft"] > 0
+    with pytest.raises(SystemExit):  # an existing result is kept unless --force
+        compile_cache.main(["--tiny", "--mode", "static", "--runs", "1", "--output", str(out)])
