@@ -223,7 +223,7 @@ class StaticRowCache(RowCache):
             sel = None  # the compiled one-token forward over all rows beats an uncompiled one over a few
         valid, ids = valid.to(dev), ids.to(dev)
         if sel is not None:  # the rows' buffer rows, padded to a bucketed count with the spare row B
-            sel = sel.to(dev)
+            sel = self._on_device(sel)
             N = 1 << (len(sel) - 1).bit_length() if self.graphs else len(sel)  # captured row counts: powers of 2
             slots = torch.full((N,), B, dtype=torch.long, device=dev)  # slots: [N]
             slots[: len(sel)] = self.slots[sel]
@@ -262,6 +262,14 @@ class StaticRowCache(RowCache):
             res[sel] = out[: len(sel)]
             return res
         return out if self._in_order else out[self.slots]
+
+    def _on_device(self, rows: torch.Tensor) -> torch.Tensor:
+        """The host index tensor `rows` on the device, copied once per distinct value: a copy from host memory waits
+        for the device's queue, which would stall a step's run-ahead forwards at every token."""
+        key = tuple(rows.tolist())
+        if getattr(self, "_rows_on_device", (None,))[0] != key:
+            self._rows_on_device = (key, rows.to(self.device))
+        return self._rows_on_device[1]
 
     def drop_from(self, rows: torch.Tensor, start: torch.Tensor) -> None:
         """Mask out, for each selected row, every column from `start[row]` on (a discarded step)."""
