@@ -201,6 +201,34 @@ def ms_per_replay(model, role: str, n: int = 64) -> float | None:
     return (time.perf_counter() - t) / n * 1e3
 
 
+def device_time_by_shape(models: dict, fallback_ms: dict, n: int = 10) -> dict | None:
+    """The cost model from the forwards the last run really made: per model role, each (rows, width, window) shape
+    of forward its static cache ran, times the device time of one replay of that shape's graph (back to back, no
+    host work). Forwards that ran eagerly (wide chunks, long windows) count at `fallback_ms[role]` (a one-token
+    forward); None on the eager path (no static caches)."""
+    out: dict = {"seconds": 0.0, "forwards": {}, "eager_forwards": {}}
+    for role, model in models.items():
+        cache = fast.kept_cache(model, role)
+        if cache is None:
+            return None
+        out["forwards"][role] = sum(cache.shapes.values())
+        out["eager_forwards"][role] = 0
+        for (rows, width, window, eager), count in cache.shapes.items():
+            graph = None if eager else cache.captured_graph(width, rows, window)
+            if graph is None:
+                out["eager_forwards"][role] += count
+                out["seconds"] += count * fallback_ms[role] / 1e3
+                continue
+            graph.replay()
+            _sync()
+            t = time.perf_counter()
+            for _ in range(n):
+                graph.replay()
+            _sync()
+            out["seconds"] += count * (time.perf_counter() - t) / n
+    return out
+
+
 def _capture_seconds() -> dict:
     """Seconds spent capturing (and compiling) per kept static cache, by model role."""
     out: dict = {}
@@ -268,6 +296,8 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
         out, t, all_t = timed(run, R)
         st = out.rsd_stats
         calls = st["forward_calls"]
+        fallback = {**row["ms_per_forward"], "reward": row["ms_per_prm_step"]}
+        by_shape = device_time_by_shape({"draft": draft, "target": target, "reward": prm.backbone}, fallback)
         predicted = (
             calls["draft"] * row["ms_per_forward"]["draft"]
             + calls["target"] * row["ms_per_forward"]["target"]
@@ -288,6 +318,9 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             "prm_calls": st["prm_calls"],
             "predicted_seconds": predicted,
             "measured_over_predicted": t / predicted,
+            # the same model over the forwards' real shapes (graph replays): what is left over is host time
+            "device_time_by_shape": by_shape,
+            "measured_over_device_time": t / by_shape["seconds"] if by_shape else None,
         }
         print(f"B={B} {mode} RSD {name}: {row['rsd'][name]}", flush=True)
     row["capture_seconds"] = _capture_seconds()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -188,6 +189,8 @@ class StaticRowCache(RowCache):
         self._left: dict[int, int] = {}  # valid positions of original rows whose buffer row was handed on
         self._padded = torch.zeros((), dtype=torch.long, device=dev)
         self.forward_calls = 0
+        # forwards run since the reset, by (gathered rows or None, width, output window or None, run eagerly)
+        self.shapes: Counter = Counter()
 
     # -- RowCache's contract --------------------------------------------------------------------------------------
     @property
@@ -340,10 +343,10 @@ class StaticRowCache(RowCache):
         """Valid positions processed, all rows."""
         return int(self._slot_tokens.sum()) + sum(self._left.values())
 
-    def captured_graph(self, width: int, rows: int | None = None) -> torch.cuda.CUDAGraph | None:
-        """The CUDA graph captured for chunks of `width` tokens over all rows (or `rows` gathered ones), if any
-        (for timing its replay alone)."""
-        entry = self._captured.get((rows, width, None))
+    def captured_graph(self, width: int, rows: int | None = None, window: int | None = None):
+        """The CUDA graph captured for chunks of `width` tokens over all rows (or `rows` gathered ones), with one
+        output per row (or `window` of them), if any (for timing its replay alone)."""
+        entry = self._captured.get((rows, width, window))
         return entry[0] if entry is not None else None
 
     # -- forwards -------------------------------------------------------------------------------------------------
@@ -385,7 +388,9 @@ class StaticRowCache(RowCache):
         # captured per (gathered row count, width, output window)
         key = (None if slots is None else len(slots), width, last.shape[1] if last.dim() == 2 else None)
         eager = width not in BUCKETS or (last.dim() == 2 and last.shape[1] > MAX_GRAPH_WINDOW)
-        if not self.graphs or eager or (slots is not None and width > MAX_GATHERED_GRAPH_WIDTH):
+        eager = not self.graphs or eager or (slots is not None and width > MAX_GATHERED_GRAPH_WIDTH)
+        self.shapes[(*key, eager)] += 1
+        if eager:
             return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last, slots)
         if key not in self._captured:
             return self._capture(ids, pos, start, last, slots, key)

@@ -30,6 +30,8 @@ def test_speed_script_writes_its_results(tmp_path):
     for r in rsd.values():
         assert r["speedup_vs_best_target_only"] == row["target_only_seconds"][row["best_target_only"]] / r["seconds"]
         assert r["measured_over_predicted"] > 0
+        shapes = r["device_time_by_shape"]  # the forwards by shape add up to the forwards the run made
+        assert shapes["forwards"] == r["forward_calls"] and shapes["eager_forwards"] == r["forward_calls"]  # CPU
     assert row["best_target_only"] in ("target_alone_static", "target_generate_eager")
 
 
