@@ -387,7 +387,7 @@ def speculative_step(
     sampling rule, so the step is distributed as the target's own; proposals are fresh draft samples (a rejected
     step is not one: the PRM's rejection conditions it). `speculation_possible` says when this applies.
     Both caches end as `decode_step` leaves them: the step in the target's cache with its last token queued; the
-    draft owes the tokens of the last verification.
+    draft holds the proposal tokens the target accepted and owes the rest of the step.
 
     Args:
         m, M (`RowCache`): the draft's and the target's caches, their queues set (the draft owes what it lacks of
@@ -409,6 +409,10 @@ def speculative_step(
     assert not (s.do_sample and any(prop)), "under sampling proposals must be fresh draft samples"
     if work is not None:
         work.update(verifications=[0] * R, proposed=[0] * R)
+    # tokens of each row's proposal that the draft's cache holds, from column `start` on (None: a given proposal,
+    # which it does not hold); the draft keeps those the target accepts
+    fed: list[int | None] = [None] * R
+    start = 0
     while any(alive):
         # the target verifies: its queue, then the proposal, in one forward; logits at the proposal's positions
         chunks = [M.pending[j] + prop[j] if alive[j] else [] for j in range(R)]
@@ -430,6 +434,8 @@ def speculative_step(
             picks = [picks[j][window - len(prop[j]) - 1 :] for j in range(R)]
         verified = torch.zeros(R, dtype=torch.bool)  # verified: [R]
         keep = torch.zeros(R, dtype=torch.long)  # keep: [R], first target column to drop
+        trim = torch.zeros(R, dtype=torch.bool)  # trim: [R], rows whose draft cache holds rejected proposal tokens
+        cut = torch.zeros(R, dtype=torch.long)  # cut: [R], first draft column to drop
         for j in range(R):
             if not alive[j]:
                 continue
@@ -446,8 +452,15 @@ def speculative_step(
             if work is not None:
                 work["verifications"][j] += 1
             M.pending[j] = [new[-1]]  # the step's last token stays queued
-            m.pending[j] += new  # the draft catches up on what the target wrote
+            if fed[j] is None:  # the draft catches up on what the target wrote
+                m.pending[j] += new
+            else:  # it keeps the accepted proposal tokens it holds and is fed the rest
+                a = next((i for i, (x, y) in enumerate(zip(new, prop[j], strict=False)) if x != y), len(new))
+                kept = min(a, fed[j])  # new[:kept] == prop[j][:kept], in the draft's cache already
+                trim[j], cut[j] = True, start + kept
+                m.pending[j] = new[kept:]
         M.drop_from(verified, keep)  # proposal tokens past the agreed prefix leave the target's cache
+        m.drop_from(trim, cut)  # and the draft's
         if not any(alive):
             break
         # the draft proposes the next gamma tokens of the rows still writing
@@ -458,10 +471,8 @@ def speculative_step(
         if work is not None:
             for j in range(R):
                 work["proposed"][j] += len(prop[j])
-        m.drop_from(going, torch.full((R,), start))  # proposals leave the draft's cache; kept tokens come back
-        for j in range(R):
-            if alive[j]:
-                m.pending[j] = []
+        # decode_step fed all but each proposal's last token (queued) from column `start` on
+        fed = [max(len(prop[j]) - 1, 0) if alive[j] else None for j in range(R)]
     return step
 
 

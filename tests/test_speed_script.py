@@ -69,13 +69,18 @@ def test_the_token_agreement_control_sets_how_many_proposals_the_target_keeps():
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
               do_sample=False, gamma=4, fast_path="static", return_dict_in_generate=True)  # fmt: skip
 
-    def verifications(a=None):
+    def stats(a=None):
         if a is None:
-            return rsd.speculative_generate(target, draft, **kw).rsd_stats["row_target_forwards"]
+            return rsd.speculative_generate(target, draft, **kw).rsd_stats
         with speed.token_agreement(target, a, seed=0):
-            return rsd.speculative_generate(target, draft, **kw).rsd_stats["row_target_forwards"]
+            return rsd.speculative_generate(target, draft, **kw).rsd_stats
+
+    def verifications(a=None):
+        return stats(a)["row_target_forwards"]
 
     assert verifications(1.0) == [9, 9]  # the prefill gives 1 token, then 5 per verification: 1 + ceil(39 / 5)
+    # the draft keeps the proposal tokens the target accepts: each position once (the last token is never fed)
+    assert stats(1.0)["row_forward_tokens"]["draft"] == [6 + 40 - 1] * 2
     assert verifications(0.0) == [40, 40]
     assert all(10 < v < 30 for v in verifications(0.6))  # expected 40 / (1 + 0.6 + 0.36 + 0.22 + 0.13) ≈ 17
     assert verifications() == [40, 40]  # outside the block: random models agree on nothing
