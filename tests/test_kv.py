@@ -86,3 +86,28 @@ def test_a_chunk_for_few_rows_runs_those_rows_alone_with_the_same_outputs(tok, p
     for r, ids_r in enumerate(kept):
         alone = model(input_ids=torch.tensor([ids_r])).logits[0, -1]
         torch.testing.assert_close(a[r], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_gathered_forward_that_fails_leaves_the_cache_as_it_was(tok):
+    """An exception inside a gathered forward (an interrupt, an out-of-memory error) restores every layer's keys
+    and values, so the cache goes on as if the chunk had never been fed."""
+    model = make_lm("qwen2", len(tok), seed=1)
+    c = RowCache(causal_lm_forward(model), model.config, 4, torch.device("cpu"))
+    c.feed(*pad_right([[5, 6, 7], [8, 9], [10], [11, 12]], 0))
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in c.cache.layers]
+    forward = c.forward
+
+    def failing(**kw):
+        forward(**kw)  # the layers have appended the chunk when the error comes
+        raise KeyboardInterrupt
+
+    c.forward = failing
+    with pytest.raises(KeyboardInterrupt):
+        c.feed(*pad_right([[20, 21], [], [], []], 0))  # 1 row of 4: gathered
+    c.forward = forward
+    assert c.length == 3 and c.forward_tokens == 8
+    for layer, (k, v) in zip(c.cache.layers, before, strict=True):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    out = c.feed(*pad_right([[20, 21], [], [], []], 0))
+    alone = model(input_ids=torch.tensor([[5, 6, 7, 20, 21]])).logits[0, -1]
+    torch.testing.assert_close(out[0], alone, rtol=1e-4, atol=1e-4)
