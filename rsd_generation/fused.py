@@ -71,7 +71,7 @@ def why_not_fused(backbone: nn.Module) -> str | None:
             if len({(w.dtype, w.device) for w in weights}) > 1 or len({p.bias is None for p in group}) > 1:
                 return f"layer {i}'s projections differ in dtype, device or bias"
             devices.add(weights[0].device)
-        if any(hasattr(m, "_hf_hook") for m in (backbone, layer, attn, mlp)):
+        if any(hasattr(m, "_hf_hook") for m in (backbone, layer, attn, mlp, *projections)):
             return "the model is dispatched by accelerate (its hooks move tensors between devices)"
     if len(devices) > 1:
         return "the layers are spread over devices"
