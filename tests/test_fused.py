@@ -88,6 +88,9 @@ def test_layers_that_do_not_fit_keep_the_models_forward(tok):
     assert "differ in dtype, device or bias" in why_not_fused(model.model)
     assert fused_layout(model.model) is None
     assert row_cache(model, "fused-none", 1, 0, "static", 64).fused is None
+    hooked = make_lm("qwen2", len(tok), seed=9)
+    hooked.model.layers[0].self_attn.k_proj._hf_hook = object()  # as accelerate's dispatch_model marks a module
+    assert "dispatched by accelerate" in why_not_fused(hooked.model)
 
 
 @pytest.mark.parametrize("G", [1, 3])
