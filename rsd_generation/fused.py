@@ -4,7 +4,8 @@ At small batch a decode step is a chain of matrix-vector products, and small one
 of a grouped-query model are an eighth of the query's) reach a fraction of the memory bandwidth. Laying out each
 layer's q/k/v weights in one buffer and its gate/up weights in another turns seven products per layer into four.
 The model's own parameters become views of the fused buffers, so no weight is stored twice and the model (its
-`state_dict`, `save_pretrained`, a later plain `generate`) sees the same values.
+`state_dict`, `save_pretrained`, a later plain `generate`) sees the same values. safetensors' `save_model` refuses
+parameters that share a buffer none of them covers: `unfuse(model)` gives them their own storage again.
 
 `fused_layout` lays a model out (once; again if its parameters were replaced, e.g. by `.to()`), or says why it
 cannot; `fused_forward` runs the decoder over a static cache with the model's own weights, rotary embedding,
@@ -52,6 +53,22 @@ def fused_layout(backbone: nn.Module) -> list[FusedLayer] | None:
             layers = [_fuse(layer) for layer in backbone.layers]
         _LAYOUTS[backbone] = layers
     return layers
+
+
+def unfuse(model: nn.Module) -> None:
+    """Give the fused projections of `model` (a causal LM or its body) their own storage again, for tools that
+    refuse parameters sharing a buffer (safetensors' `save_model`). The next fast-path `generate` lays them out
+    again."""
+    backbone = getattr(model, "base_model", model)
+    if _LAYOUTS.pop(backbone, None) is None:
+        return
+    with torch.no_grad():
+        for layer in backbone.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                      layer.mlp.up_proj):  # fmt: skip
+                p.weight.data = p.weight.data.clone()
+                if p.bias is not None:
+                    p.bias.data = p.bias.data.clone()
 
 
 def why_not_fused(backbone: nn.Module) -> str | None:

@@ -109,3 +109,26 @@ def test_grouped_attention_equals_attention_over_repeated_keys(G):
     masks: dict = {}
     torch.testing.assert_close(grouped_attention(q, keys, values, mask, 0.3, masks), ref, rtol=1e-5, atol=1e-5)
     assert (G in masks) == (G > 1)  # the grouped mask is built once per forward
+
+
+def test_unfuse_gives_the_parameters_their_own_storage(tok, tmp_path):
+    """safetensors' save_model refuses parameters that share a buffer none covers; after `unfuse` it saves the same
+    values, and the next layout fuses again."""
+    from safetensors.torch import load_file, save_model
+
+    from rsd_generation.fused import unfuse
+
+    model = make_lm("qwen2", len(tok), seed=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused_layout(model.model)
+    with pytest.raises(RuntimeError):
+        save_model(model, str(tmp_path / "fused.safetensors"))
+    unfuse(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+    save_model(model, str(tmp_path / "own.safetensors"))
+    saved = load_file(tmp_path / "own.safetensors")
+    assert {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"} <= set(saved)
+    for k, v in before.items():  # (save_model leaves out a tied head)
+        assert torch.equal(saved.get(k, v), v), k
+    assert fused_layout(model.model) is not None  # laid out again on the next use
