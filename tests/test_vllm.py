@@ -6,6 +6,8 @@ must be installed there too, for its `vllm.general_plugins` entry point. Without
 why.
 """
 
+import contextlib
+import copy
 import json
 import os
 import signal
@@ -53,17 +55,15 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def prm_server(tmp_path_factory):
-    """A vLLM server of the toy large PRM (head size 32: vLLM's CPU attention refuses the small PRM's 24), bound to
-    127.0.0.1, stopped by its process group at the end."""
+@contextlib.contextmanager
+def _serve(model: Path, log: Path):
+    """A vLLM server of `model` (float32, CPU), bound to 127.0.0.1, stopped by its process group at the end: its
+    base URL."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TOY / "prm-large"),
-           "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-           "--dtype", "float32"]  # fmt: skip
+    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512", "--dtype", "float32"]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -71,13 +71,16 @@ def prm_server(tmp_path_factory):
         deadline = time.time() + 300
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the vLLM server of {model.name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(url + "/health", timeout=5):
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.time() > deadline:
-                    pytest.fail(f"the vLLM server did not answer /health in 300 s:\n{log.read_text()[-3000:]}")
+                    pytest.fail(f"the vLLM server of {model.name} did not answer /health in 300 s:\n"
+                                f"{log.read_text()[-3000:]}")  # fmt: skip
                 time.sleep(1)
         yield url
     finally:
@@ -87,6 +90,20 @@ def prm_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prm_server(tmp_path_factory):
+    """The toy large PRM (head size 32: vLLM's CPU attention refuses the small PRM's 24)."""
+    with _serve(TOY / "prm-large", tmp_path_factory.mktemp("vllm") / "prm.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def policy_server(tmp_path_factory):
+    """The toy target (head size 32), serving as draft and target: the toy draft's head size is 24."""
+    with _serve(TOY / "target", tmp_path_factory.mktemp("vllm") / "target.log") as url:
+        yield url
 
 
 @NEEDS_VLLM
@@ -106,3 +123,40 @@ def test_the_plugin_serves_the_skywork_layout_with_the_in_process_rewards(prm_se
         assert len(per_token) == len(ids)
         served = [per_token[q][0] for q in positions]
         assert served == pytest.approx(prm.score_steps(problem, steps), abs=1e-6)
+
+
+@NEEDS_VLLM
+def test_rsd_over_servers_takes_the_in_process_decisions(policy_server, prm_server):
+    """On 12 toy problems, greedy, float32: RSD over vLLM servers writes the tokens and takes the accept/reject
+    decisions of the in-process `generate` path, with the same rewards (the toy target as draft and target)."""
+    from rsd_generation.benchmarks.toy.task import problems
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rsd_generation.serving import Servers, generate_over_servers
+
+    tok = AutoTokenizer.from_pretrained(TOY / "target")
+    target = rsd.with_rsd(AutoModelForCausalLM.from_pretrained(TOY / "target", dtype=torch.float32).eval())
+    draft = copy.deepcopy(target)
+    prm = rsd.load_reward_model(TOY / "prm-large", dtype=torch.float32)
+    texts = [p.prompt for p in problems(7, 12)]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
+    kw = dict(max_new_tokens=96, max_step_tokens=32)
+    enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    ref = target.generate(**enc, tokenizer=tok, assistant_model=draft, reward_model=prm, rsd_threshold=0.7,
+                          reward_prompts=texts, do_sample=False, max_new_tokens=96, rsd_max_step_tokens=32,
+                          return_dict_in_generate=True)  # fmt: skip
+    served = generate_over_servers(Servers(policy_server, policy_server, prm_server), prompts, texts, tok, prm,
+                                   threshold=0.7, eos=[tok.eos_token_id], **kw)  # fmt: skip
+    P = enc["input_ids"].shape[1]
+    decisions = []
+    for i, (ids, steps) in enumerate(served):
+        row = ref.sequences[i, P:].tolist()
+        assert ids == row[: len(ids)] and set(row[len(ids) :]) <= {tok.pad_token_id}, i
+        expected = ref.rsd_stats["steps"][i]
+        assert [(s.text, s.source, s.accepted, s.n_tokens) for s in steps] == [
+            (s["text"], s["source"], s["accepted"], s["n_tokens"]) for s in expected
+        ], i
+        assert [s.reward for s in steps] == pytest.approx([s["reward"] for s in expected], abs=1e-5)
+        decisions += [s.accepted for s in steps if s.source == "draft"]
+    assert any(decisions) and not all(decisions), "both branches must run"
+    assert any(ids[-1:] == [tok.eos_token_id] for ids, _ in served), "rows must end at EOS (vLLM returns its id)"
