@@ -37,13 +37,14 @@ class Servers:
     timeout: float = 600.0  # seconds per request
 
 
-def _request(url: str, body: dict | None, timeout: float) -> dict:
+def request_json(url: str, body: dict | None, timeout: float) -> dict:
     """One JSON request (POST with a body, else GET); an HTTP or connection error names the URL."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
+            raw = r.read()
+        return json.loads(raw) if raw else {}  # /health answers with an empty body
     except urllib.error.HTTPError as e:
         raise RuntimeError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
@@ -51,8 +52,8 @@ def _request(url: str, body: dict | None, timeout: float) -> dict:
 
 
 async def _call(url: str, body: dict | None, timeout: float) -> dict:
-    """`_request` in a worker thread."""
-    return await asyncio.to_thread(_request, url, body, timeout)
+    """`request_json` in a worker thread."""
+    return await asyncio.to_thread(request_json, url, body, timeout)
 
 
 async def _name(servers: Servers, role: str) -> str:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -160,3 +161,46 @@ def test_rsd_over_servers_takes_the_in_process_decisions(policy_server, prm_serv
         decisions += [s.accepted for s in steps if s.source == "draft"]
     assert any(decisions) and not all(decisions), "both branches must run"
     assert any(ids[-1:] == [tok.eos_token_id] for ids, _ in served), "rows must end at EOS (vLLM returns its id)"
+
+
+def _vllm_env() -> dict:
+    """What vLLM's CPU servers need here."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+
+
+@NEEDS_VLLM
+def test_rsd_serve_starts_checks_and_stops_the_servers(tmp_path):
+    """`rsd-serve` serves a model named for two roles once, says ready only after every server answered a real
+    request, writes the URLs, and stops every server on SIGTERM."""
+    urls_file, base = tmp_path / "urls.json", _free_port()
+    cmd = [sys.executable, "-m", "rsd_generation.serve", "--draft", str(TOY / "target"), "--target",
+           str(TOY / "target"), "--prm", str(TOY / "prm-large"), "--python", VLLM_PYTHON, "--port", str(base),
+           "--vllm-args", "--enforce-eager --max-model-len 512 --dtype float32", "--log-dir", str(tmp_path / "logs"),
+           "--urls-file", str(urls_file)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_vllm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not urls_file.exists():
+            assert proc.poll() is None, f"rsd-serve exited with {proc.returncode}: {proc.stdout.read()[-3000:]}"
+            assert time.time() < deadline, "rsd-serve was not ready in 300 s"
+            time.sleep(1)
+        urls = json.loads(urls_file.read_text())
+        assert urls["draft"] == urls["target"] != urls["prm"]  # one server for the model named twice
+        assert sorted((tmp_path / "logs").iterdir()) == [tmp_path / "logs" / "draft.log", tmp_path / "logs" / "prm.log"]
+        body = {"model": str(TOY / "target"), "prompt": [5, 6, 7], "max_tokens": 2, "return_token_ids": True}
+        assert len(_post(urls["target"] + "/v1/completions", body)["choices"][0]["token_ids"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    assert code == 0
+    for url in set(urls.values()):
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(url + "/health", timeout=5)
+
+
+def test_rsd_serve_refuses_a_bad_role_naming_it(tmp_path):
+    from rsd_generation.serve import main
+
+    with pytest.raises(SystemExit, match=r"--gpus takes ROLE=VALUE .* got 'reward=0'"):
+        main(["--draft", "d", "--target", "t", "--prm", "p", "--gpus", "reward=0", "--log-dir", str(tmp_path)])
