@@ -190,15 +190,18 @@ def ms_per_replay(model, role: str, n: int = 64) -> float | None:
     with no host work in between (None when nothing was captured)."""
     cache = fast.kept_cache(model, role)
     graph = cache.captured_graph(1) if cache is not None else None
-    if graph is None:
-        return None
+    return replay_seconds(graph, n) * 1e3 if graph is not None else None
+
+
+def replay_seconds(graph, n: int) -> float:
+    """Seconds per replay of a captured graph, `n` back to back after one (the device time, no host work)."""
     graph.replay()
     _sync()
     t = time.perf_counter()
     for _ in range(n):
         graph.replay()
     _sync()
-    return (time.perf_counter() - t) / n * 1e3
+    return (time.perf_counter() - t) / n
 
 
 def device_time_by_shape(models: dict, fallback_ms: dict, n: int = 10) -> dict | None:
@@ -219,13 +222,7 @@ def device_time_by_shape(models: dict, fallback_ms: dict, n: int = 10) -> dict |
                 out["eager_forwards"][role] += count
                 out["seconds"] += count * fallback_ms[role] / 1e3
                 continue
-            graph.replay()
-            _sync()
-            t = time.perf_counter()
-            for _ in range(n):
-                graph.replay()
-            _sync()
-            out["seconds"] += count * (time.perf_counter() - t) / n
+            out["seconds"] += count * replay_seconds(graph, n)
     return out
 
 

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         for _, proc, _ in servers.values():
-            _stop(proc)
+            stop_server(proc)
 
 
 def _wait_ready(servers: dict, models: dict[str, str], timeout: float) -> None:
@@ -128,7 +128,7 @@ def _wait_ready(servers: dict, models: dict[str, str], timeout: float) -> None:
             raise RuntimeError(f"the server of {model} ({role}) failed its first request: {e}; log: {log}") from e
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     """Stop a server and its children (its process group)."""
     if proc.poll() is not None:
         return

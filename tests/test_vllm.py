@@ -24,6 +24,7 @@ import torch
 from rsd_generation.benchmarks.cli import TOY
 
 import rsd_generation as rsd
+from rsd_generation.serve import stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = os.environ.get("RSD_VLLM_PYTHON") or str(ROOT / ".ci" / "vllm-venv" / "bin" / "python")
@@ -85,12 +86,7 @@ def _serve(model: Path, log: Path):
                 time.sleep(1)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
