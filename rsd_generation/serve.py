@@ -114,7 +114,7 @@ def _wait_ready(servers: dict, models: dict[str, str], timeout: float) -> None:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server of {model} ({role}) exited with {proc.returncode}; log: {log}")
             try:
-                request_json(url + "/health", None, 5)
+                request_json(url + "/health", None, 5, retries=0)  # polled: no retries of its own
                 break
             except RuntimeError:
                 if time.time() > deadline:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -37,18 +38,28 @@ class Servers:
     timeout: float = 600.0  # seconds per request
 
 
-def request_json(url: str, body: dict | None, timeout: float) -> dict:
-    """One JSON request (POST with a body, else GET); an HTTP or connection error names the URL."""
+TRANSIENT = (429, 500, 502, 503, 504)  # HTTP statuses worth a retry (busy or restarting); others are final
+
+
+def request_json(url: str, body: dict | None, timeout: float, retries: int = 3, backoff: float = 0.5) -> dict:
+    """One JSON request (POST with a body, else GET). Transient failures (no answer, a timeout, HTTP 429 or 5xx) are
+    retried `retries` times, waiting `backoff` seconds, then twice as long each time; the error that ends it names
+    the URL."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-        return json.loads(raw) if raw else {}  # /health answers with an empty body
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        raise RuntimeError(f"{url} did not answer: {e}") from e
+    for attempt in range(retries + 1):
+        req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else {}  # /health answers with an empty body
+        except urllib.error.HTTPError as e:
+            if e.code not in TRANSIENT or attempt == retries:
+                raise RuntimeError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:500]}") from e
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            if attempt == retries:
+                raise RuntimeError(f"{url} did not answer ({attempt + 1} attempts): {e}") from e
+        time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 async def _call(url: str, body: dict | None, timeout: float) -> dict:
