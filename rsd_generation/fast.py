@@ -35,7 +35,16 @@ import torch
 from torch import nn
 
 from .fused import fused_forward, fused_layout
-from .kv import RowCache, cache_kwarg, causal_lm_forward, gather_rows, hidden_forward, last_positions, pick_rows
+from .kv import (
+    RowCache,
+    cache_kwarg,
+    causal_lm_forward,
+    chunk_positions,
+    gather_rows,
+    hidden_forward,
+    last_positions,
+    pick_rows,
+)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
 MAX_GATHERED_GRAPH_WIDTH = 8  # gathered chunks (a few rows) captured up to this width (one per row count); wider: eager
@@ -98,7 +107,7 @@ class StaticKV:
 
 
 def _bucket(n: int) -> int:
-    """The captured size that holds `n` (chunk widths and gathered row counts): the next of `BUCKETS`, or `n`."""
+    """The captured chunk width that holds `n` tokens: the next of `BUCKETS`, or `n`."""
     return next((b for b in BUCKETS if b >= n), n)
 
 
@@ -154,7 +163,8 @@ class StaticRowCache(RowCache):
             )
         self.compile_decode = compile_decode and self.graphs
         self.run_ahead = True  # decode_step may queue a forward before it knows any row needs it (no host sync)
-        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}  # by (rows, width, window)
+        self._rows_on_device: tuple = (None, None)  # (host rows, the same on the device) of the last gathered forward
         self._pool = None
         self._compiled = None
         self.capture_seconds = 0.0  # time spent capturing (and compiling), all widths
@@ -171,8 +181,9 @@ class StaticRowCache(RowCache):
         """Start over for a new batch of `batch_size` (= B) rows; buffers and captured graphs are kept."""
         assert batch_size == self.batch_size, "a StaticRowCache serves one batch size"
         dev = self.device
-        if self.fused is not None and fused_layout(self.backbone) is not self.fused:  # the parameters were replaced
-            self.fused = fused_layout(self.backbone)
+        layout = fused_layout(self.backbone) if self.fused is not None else None
+        if layout is not self.fused:  # the parameters were replaced
+            self.fused = layout
             self._captured.clear()  # graphs read the old buffers
             self._pool, self._compiled = None, None
         if not hasattr(self, "colmask") or self.colmask.shape[1] != self.kv.capacity:
@@ -244,8 +255,7 @@ class StaticRowCache(RowCache):
             ok[self.slots, :L] = valid
         n = ok.sum(1)  # n: [N] (or [B])
         seen = (self.colmask[:B] if slots is None else self.colmask[slots]).sum(1)  # valid columns before the chunk
-        pos = seen[:, None] + torch.arange(width, device=dev)  # pos: [N, W]
-        pos = torch.minimum(pos, (seen + n - 1).clamp_min(0)[:, None])  # padding repeats the last position
+        pos = chunk_positions(seen, n, width)  # pos: [N, W]
         if slots is None:
             self.colmask[:B, self.cursor : self.cursor + width] = ok
             self._slot_tokens += n
@@ -270,7 +280,7 @@ class StaticRowCache(RowCache):
         """The host index tensor `rows` on the device, copied once per distinct value: a copy from host memory waits
         for the device's queue, which would stall a step's run-ahead forwards at every token."""
         key = tuple(rows.tolist())
-        if getattr(self, "_rows_on_device", (None,))[0] != key:
+        if self._rows_on_device[0] != key:
             self._rows_on_device = (key, rows.to(self.device))
         return self._rows_on_device[1]
 

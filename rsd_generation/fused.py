@@ -64,8 +64,8 @@ def unfuse(model: nn.Module) -> None:
         return
     with torch.no_grad():
         for layer in backbone.layers:
-            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-                      layer.mlp.up_proj):  # fmt: skip
+            qkv, gate_up = _groups(layer)
+            for p in qkv + gate_up:
                 p.weight.data = p.weight.data.clone()
                 if p.bias is not None:
                     p.bias.data = p.bias.data.clone()
@@ -79,11 +79,11 @@ def why_not_fused(backbone: nn.Module) -> str | None:
     devices = set()
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+        qkv, gate_up = _groups(layer)
+        projections = qkv + gate_up
         if not all(type(p) is nn.Linear for p in projections) or not hasattr(mlp, "act_fn"):
             return f"layer {i}'s projections are not plain nn.Linear (quantized or adapted layers keep their own)"
-        for group in (projections[:3], projections[3:]):
+        for group in (qkv, gate_up):
             weights = [p.weight for p in group]
             if len({(w.dtype, w.device) for w in weights}) > 1 or len({p.bias is None for p in group}) > 1:
                 return f"layer {i}'s projections differ in dtype, device or bias"
@@ -95,12 +95,20 @@ def why_not_fused(backbone: nn.Module) -> str | None:
     return None
 
 
+def _groups(layer: nn.Module) -> tuple[list, list]:
+    """A decoder layer's projections that fuse: [q, k, v] and [gate, up] (None where a layer lacks one)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")], [
+        getattr(mlp, n, None) for n in ("gate_proj", "up_proj")
+    ]
+
+
 def _fuse(layer: nn.Module) -> FusedLayer:
     """Lay one layer's q/k/v and gate/up weights (and biases) out in one buffer each, the parameters becoming views."""
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv, qkv_bias = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up, gate_up_bias = _fuse_linears([mlp.gate_proj, mlp.up_proj])
-    sizes = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+    qkv_group, gate_up_group = _groups(layer)
+    qkv, qkv_bias = _fuse_linears(qkv_group)
+    gate_up, gate_up_bias = _fuse_linears(gate_up_group)
+    sizes = tuple(p.out_features for p in qkv_group)
     return FusedLayer(qkv, qkv_bias, gate_up, gate_up_bias, sizes)
 
 
@@ -120,9 +128,8 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 
 def _still_views(fused: FusedLayer, layer: nn.Module) -> bool:
     """Whether the layer's parameters still live in the fused buffers (`.to()` or a reload replaces them)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    pairs = [(fused.qkv, p.weight) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    pairs += [(fused.gate_up, p.weight) for p in (mlp.gate_proj, mlp.up_proj)]
+    qkv, gate_up = _groups(layer)
+    pairs = [(fused.qkv, p.weight) for p in qkv] + [(fused.gate_up, p.weight) for p in gate_up]
     return all(w.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for buf, w in pairs)
 
 

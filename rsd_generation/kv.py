@@ -89,8 +89,7 @@ class RowCache:
         valid = valid.to(self.device)
         ids = torch.where(valid, ids.to(self.device), self.pad_token_id)  # ids: [R, L]
         n = valid.sum(1)  # n: [R]
-        pos = self.mask.sum(1, keepdim=True) + torch.arange(ids.shape[1], device=self.device)  # pos: [R, L]
-        pos = torch.minimum(pos, (self.mask.sum(1) + n - 1).clamp_min(0)[:, None])  # pads repeat the last position
+        pos = chunk_positions(self.mask.sum(1), n, ids.shape[1])  # pos: [R, L]
         mask = torch.cat([self.mask, valid.long()], 1)  # mask: [R, T + L]
         cache_position = torch.arange(self.length, mask.shape[1], device=self.device)  # [L]
         last = last_positions(n, window)  # last: [R] or [R, window]
@@ -129,8 +128,7 @@ class RowCache:
         sub_ids = torch.where(sub_valid, ids.to(self.device)[dev_sel], self.pad_token_id)  # sub_ids: [N, L]
         n = sub_valid.sum(1)  # n: [N]
         old_mask = self.mask[dev_sel]  # old_mask: [N, T]
-        pos = old_mask.sum(1, keepdim=True) + torch.arange(L, device=self.device)  # pos: [N, L]
-        pos = torch.minimum(pos, (old_mask.sum(1) + n - 1).clamp_min(0)[:, None])
+        pos = chunk_positions(old_mask.sum(1), n, L)  # pos: [N, L]
         mask = torch.cat([old_mask, sub_valid.long()], 1)  # mask: [N, T + L]
         full = [(layer.keys, layer.values) if _filled(layer) else None for layer in self.cache.layers]  # [R, H, T, D]
         for layer, kv in zip(self.cache.layers, full, strict=True):
@@ -228,7 +226,7 @@ class RowCache:
         prompts): every existing column is masked for them."""
         n = len(rows)
         for layer in self.cache.layers:
-            if getattr(layer, "is_initialized", True) and layer.keys is not None and layer.keys.dim() == 4:
+            if _filled(layer):
                 layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(n, *layer.keys.shape[1:])])
                 layer.values = torch.cat([layer.values, layer.values.new_zeros(n, *layer.values.shape[1:])])
         self.mask = torch.cat([self.mask, self.mask.new_zeros(n, self.length)])
@@ -248,6 +246,13 @@ def _filled(layer) -> bool:
     """Whether a dynamic cache layer holds keys (`(R, H, T, D)`; transformers leaves them unset until the first
     forward)."""
     return getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
+
+
+def chunk_positions(seen: torch.Tensor, n: torch.Tensor, width: int) -> torch.Tensor:
+    """Position ids `(R, width)` of a right-padded chunk: each row's positions go on from its `seen` `(R,)` valid
+    columns; padding past its `n` `(R,)` tokens repeats the last position."""
+    pos = seen[:, None] + torch.arange(width, device=seen.device)  # pos: [R, W]
+    return torch.minimum(pos, (seen + n - 1).clamp_min(0)[:, None])
 
 
 def gather_rows(valid: torch.Tensor, rows: torch.Tensor | None, R: int) -> torch.Tensor | None:
