@@ -394,7 +394,8 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
+    """The script's options (`benchmarks.multigpu` measures with the same ones)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -461,6 +462,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="add this run's rows to an existing output of the same device and versions (each row keeps its command)",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     fast.FUSE = not args.no_fuse
     args.argv = sys.argv[1:] if argv is None else argv

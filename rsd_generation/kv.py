@@ -314,8 +314,9 @@ def causal_lm_forward(model) -> Forward:
             logits = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, 0]  # logits: [R, V]
         else:
             keep = torch.unique(last)  # keep: [K], sorted
-            # on the CPU: it indexes the last hidden states, which live on the last layer's device
-            logits = model(**inputs, use_cache=True, logits_to_keep=keep.cpu()).logits  # logits: [R, K, V]
+            # a list of ints, not a tensor: accelerate's hooks move tensor inputs to the first layer's device, and
+            # this indexes the last hidden states, which live on the last layer's
+            logits = model(**inputs, use_cache=True, logits_to_keep=keep.tolist()).logits  # logits: [R, K, V]
             logits = pick_rows(logits, torch.searchsorted(keep, last))  # logits: [R, V] or [R, W, V]
         return logits.float()
 

@@ -2,10 +2,12 @@
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
 from conftest import PROMPTS, encode, rsd_generate
+from rsd_generation.benchmarks.multigpu import split_device_map
 
 import rsd_generation as rsd
 
@@ -47,13 +49,6 @@ NEEDS_2_GPUS = pytest.mark.skipif(
 SPLIT_PATHS = ["off", "static", "graphs", "compile"]
 
 
-def _split_map(n_layers: int, prefix: str = "model.") -> dict:
-    """A device map that spreads a decoder over cuda:0 and cuda:1: embeddings and the first half of the layers on
-    0; the rest, the final norm (and the head) on 1."""
-    half = {f"{prefix}layers.{i}": 0 if i < n_layers // 2 else 1 for i in range(n_layers)}
-    return {f"{prefix}embed_tokens": 0, f"{prefix}rotary_emb": 0, **half, f"{prefix}norm": 1}
-
-
 def _seeded() -> torch.Generator:
     """A fresh generator for the acceptance draws: each run its own, the same stream."""
     return torch.Generator().manual_seed(2)
@@ -63,7 +58,7 @@ def _split(model):
     """A copy of a causal LM spread over two GPUs by accelerate's `dispatch_model`."""
     from accelerate import dispatch_model
 
-    device_map = {**_split_map(model.config.num_hidden_layers), "lm_head": 1}
+    device_map = split_device_map(model.config.num_hidden_layers, 2)
     return dispatch_model(copy.deepcopy(model), device_map=device_map)
 
 
@@ -97,7 +92,7 @@ def test_a_split_draft_and_prm_give_the_unsplit_decisions(qwen_pair, skywork_pat
     n = split.config.num_hidden_layers
     prms = [
         rsd.load_reward_model(skywork_path, tokenizer=tok, device_map="cuda:0"),
-        rsd.load_reward_model(skywork_path, tokenizer=tok, device_map=_split_map(n, prefix="")),
+        rsd.load_reward_model(skywork_path, tokenizer=tok, device_map=split_device_map(n, 2, prefix="", head=False)),
     ]
     kw = dict(rsd_weighting="constant", rsd_threshold=0.5, rsd_fast_path=path)
     runs = [
@@ -107,3 +102,46 @@ def test_a_split_draft_and_prm_give_the_unsplit_decisions(qwen_pair, skywork_pat
     assert torch.equal(runs[0].sequences.cpu(), runs[1].sequences.cpu())
     rewards = [[s["reward"] for row in r.rsd_stats["steps"] for s in row] for r in runs]
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-5)
+
+
+def test_a_model_built_in_place_across_devices_is_the_model_its_weights_make():
+    """`split_random_model` allocates each module where the device map puts it and initialises it there: its outputs
+    are those of a model constructed normally and given the same weights (so the rotary frequencies, computed rather
+    than stored, are not left uninitialised), and every weight was drawn (none is left as allocated)."""
+    from rsd_generation.benchmarks import multigpu, speed
+    from transformers import Qwen2ForCausalLM
+
+    shapes = {**multigpu.QWEN_72B, **speed.TINY, "hidden_size": 128, "num_hidden_layers": 4, "vocab_size": 300}
+    model = multigpu.split_random_model(shapes, 4, ["cpu", "cpu"], torch.float32)
+    assert set(model.hf_device_map) >= {"model.layers.3", "lm_head"}
+    reference = Qwen2ForCausalLM(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.all(p == 1), name
+        elif not name.endswith(".bias"):
+            assert abs(p.std().item() - 0.02) < 0.005, name
+
+
+@NEEDS_2_GPUS
+def test_the_multigpu_script_writes_its_results(tmp_path):
+    """`benchmarks.multigpu` on tiny shapes: split and unsplit agree on every path and case, and the large target's
+    rows carry the speedups and the floor ratios the README reads."""
+    from rsd_generation.benchmarks import multigpu
+
+    out = tmp_path / "multigpu.json"
+    multigpu.main(["--tiny", "--batch-sizes", "1", "2", "--new-tokens", "64", "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["copy_bandwidth_tb_s"] > 0
+    equal = result["split_7b"]["equal"]
+    assert len(equal) == 2 * 3 * 2 and all(equal.values()), equal
+    rows = result["large"]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for row in rows:
+        m = row["modes"]["graphs"]
+        assert m["ms_per_forward_over_floor"]["target"] > 0
+        assert {"accept80", "accept50"} <= set(m["rsd"]) and m["rsd"]["accept80"]["speedup_vs_best_target_only"] > 0
+    with pytest.raises(SystemExit, match="exists"):
+        multigpu.main(["--tiny", "--no-large", "--output", str(out)])
