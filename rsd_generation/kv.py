@@ -130,10 +130,11 @@ class RowCache:
         old_mask = self.mask[dev_sel]  # old_mask: [N, T]
         pos = chunk_positions(old_mask.sum(1), n, L)  # pos: [N, L]
         mask = torch.cat([old_mask, sub_valid.long()], 1)  # mask: [N, T + L]
+        on = index_on(sel)  # each layer's rows indexed on its own device (a model may be spread over GPUs)
         full = [(layer.keys, layer.values) if _filled(layer) else None for layer in self.cache.layers]  # [R, H, T, D]
         for layer, kv in zip(self.cache.layers, full, strict=True):
             if kv is not None:
-                layer.keys, layer.values = kv[0][dev_sel], kv[1][dev_sel]
+                layer.keys, layer.values = kv[0][on(kv[0])], kv[1][on(kv[1])]
         try:
             out = self.forward(
                 input_ids=sub_ids,
@@ -160,7 +161,7 @@ class RowCache:
             k, v = kv
             layer.keys = torch.cat([k, k.new_zeros(R, k.shape[1], L, k.shape[3])], 2)
             layer.values = torch.cat([v, v.new_zeros(R, v.shape[1], L, v.shape[3])], 2)
-            layer.keys[dev_sel, :, T:], layer.values[dev_sel, :, T:] = new_k, new_v
+            layer.keys[on(layer.keys), :, T:], layer.values[on(layer.values), :, T:] = new_k, new_v
         self.mask = torch.cat([self.mask, valid.long()], 1)
         self._row_tokens[self.rows] += valid.sum(1).cpu()
         self.forward_calls += 1
@@ -206,8 +207,9 @@ class RowCache:
             self.dense = True
             return True
         idx = torch.argsort(valid.to(torch.int8), dim=1, stable=True)[:, self.length - width :]  # idx: [R, W]
+        on = index_on(idx)
         for layer in self.cache.layers:
-            gather = idx[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            gather = on(layer.keys)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys, layer.values = layer.keys.gather(2, gather), layer.values.gather(2, gather)
         self.mask = valid.gather(1, idx).long()
         self.dense = bool(self.mask.all())
@@ -215,8 +217,11 @@ class RowCache:
 
     def keep(self, idx: torch.Tensor) -> None:
         """Keep only rows `idx` (finished rows leave the batch)."""
-        self.cache.batch_select_indices(idx.to(self.device))
-        self.mask = self.mask[idx.to(self.device)]
+        on = index_on(idx)
+        for layer in self.cache.layers:  # each on its own device (`Cache.batch_select_indices` takes one index)
+            keys = getattr(layer, "keys", None)
+            layer.batch_select_indices(on(keys) if isinstance(keys, torch.Tensor) else idx)
+        self.mask = self.mask[on(self.mask)]
         self.pending = [self.pending[i] for i in idx.tolist()]
         self.rows = self.rows[idx.cpu()]
         self.dense = bool(self.mask.all())
@@ -240,6 +245,19 @@ class RowCache:
         if n > len(self._row_tokens):
             extra = self._row_tokens.new_zeros(n - len(self._row_tokens))
             self._row_tokens = torch.cat([self._row_tokens, extra])
+
+
+def index_on(idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function giving `idx` on the device of the tensor it is to index, copied once per device: a model spread over
+    GPUs keeps each layer's cache on that layer's device."""
+    copies: dict[torch.device, torch.Tensor] = {}
+
+    def on(t: torch.Tensor) -> torch.Tensor:
+        if t.device not in copies:
+            copies[t.device] = idx.to(t.device)
+        return copies[t.device]
+
+    return on
 
 
 def _filled(layer) -> bool:
