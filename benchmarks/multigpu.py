@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split-modes", nargs="+", default=["off", "graphs"], help="paths for split against unsplit")
     ap.add_argument("--equality-batch", type=int, default=4, help="batch size of split against unsplit")
     ap.add_argument("--no-large", action="store_true", help="split against unsplit only")
+    ap.add_argument("--no-split-check", action="store_true", help="the large target only (no split against unsplit)")
+    ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate for the large target")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for checking the script itself")
     ap.add_argument("--output", default=None, help="default: benchmarks/results/multigpu-<gpu>x<n>.json")
     ap.add_argument("--force", action="store_true", help="replace an existing output")
@@ -207,12 +209,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{result['device']}: copy bandwidth {result['copy_bandwidth_tb_s']:.2f} TB/s", flush=True)
 
-    target = speed.random_model(big, 2, "cuda:0", torch.bfloat16)
-    result["split_7b"] = split_against_unsplit(target, draft, prm, tok, n_devices, args)
-    write_json_atomic(output, result)
-    del target
-    fast.release_fast_caches()
-    torch.cuda.empty_cache()
+    if not args.no_split_check:
+        target = speed.random_model(big, 2, "cuda:0", torch.bfloat16)
+        result["split_7b"] = split_against_unsplit(target, draft, prm, tok, n_devices, args)
+        write_json_atomic(output, result)
+        del target
+        fast.release_fast_caches()
+        torch.cuda.empty_cache()
     if args.no_large:
         result["complete"] = True
         write_json_atomic(output, result)
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     sargs = speed.parser().parse_args(
         ["--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens), "--repeats",
          str(args.repeats), "--baseline-repeats", str(args.repeats), "--modes", *args.modes, "--agreements",
-         "--no-static", "--no-assisted", "--no-sd"]
+         "--no-static", "--no-assisted", "--no-sd", *(["--no-generate"] if args.no_generate else [])]
     )  # fmt: skip
     sargs.argv = argv
     rows = result["large"]["rows"] = []
