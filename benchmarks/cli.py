@@ -38,6 +38,7 @@ from . import datasets
 from .io import RecordStore, output_lock, write_json_atomic
 from .methods import METHODS, Batch, Models, Setting, seed_for, split
 from .report import markdown, plot, summarize
+from .served import SERVED_METHODS, load_served_models, run_served
 from .toy.task import SEPARATOR
 
 TOY = Path(__file__).resolve().parent / "toy" / "models"
@@ -113,6 +114,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--schedule", default="eager", type=lambda v: int(v) if v.isdigit() else v,
         help="rsd_schedule of RSD: eager (default), throughput, or k (the target runs once k rows wait)",
     )  # fmt: skip
+    g = ap.add_argument_group("backend")
+    g.add_argument(
+        "--backend", choices=["transformers", "vllm"], default="transformers",
+        help="transformers: the models in this process; vllm: RSD and the baselines over OpenAI-compatible vLLM "
+        "servers (rsd-serve starts them) serving the --draft, --target and --prm checkpoints (greedy; methods "
+        f"{', '.join(SERVED_METHODS)})",
+    )  # fmt: skip
+    g.add_argument("--draft-url", help="--backend vllm: the draft's server, e.g. http://127.0.0.1:8000")
+    g.add_argument("--target-url", help="--backend vllm: the target's server (may be the draft's)")
+    g.add_argument(
+        "--prm-url", nargs="+", action="extend", default=None,
+        help="--backend vllm: each RSD reward model's server as NAME=URL (NAME as in --prm)",
+    )  # fmt: skip
+    g.add_argument("--concurrency", type=int, default=64, help="--backend vllm: problems in flight at once")
     g = ap.add_argument_group("output")
     g.add_argument("--output", type=Path, default=None)
     g.add_argument("--resume", action="store_true", help="continue OUTPUT/records.jsonl, skipping finished questions")
@@ -150,6 +165,7 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         Scheduler(args.schedule)
     except ValueError as e:
         ap.error(f"--schedule: {e}")
+    _validate_backend(ap, args)
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
         ap.error(f"--temperature must be positive and finite, got {args.temperature}")
     if bad := [d for d in args.deltas if not math.isfinite(d)]:
@@ -166,6 +182,8 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.prm = prms
     if args.rsd_prms is not None and (bad := [p for p in args.rsd_prms if p not in args.prm]):
         ap.error(f"--rsd-prms names unknown reward models {bad}; known: {sorted(args.prm)}")
+    if args.backend == "vllm":
+        _validate_prm_urls(ap, args)
     needs_prm = {"rsd", "rsd_merged", "best_of_n", "process_best_of_n", "beam_search"} & set(args.methods)
     if needs_prm and not args.prm:
         ap.error(f"methods {sorted(needs_prm)} need a reward model (--prm)")
@@ -188,6 +206,41 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.output = Path(args.output or f"out/{args.dataset}")
     if args.output.exists() and not args.output.is_dir():
         ap.error(f"--output {args.output} is a file; it must name a folder (new or one of rsd-bench's)")
+
+
+def _validate_backend(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--backend vllm`: the methods it runs, greedy, and a URL for every server the methods need (the PRM URLs
+    checked once `--prm` is resolved, in `_validate_prm_urls`)."""
+    if args.concurrency < 1:
+        ap.error(f"--concurrency must be at least 1, got {args.concurrency}")
+    urls = {"--draft-url": args.draft_url, "--target-url": args.target_url, "--prm-url": args.prm_url}
+    if args.backend != "vllm":
+        if given := [k for k, v in urls.items() if v]:
+            ap.error(f"{', '.join(given)} name servers for --backend vllm; this run's backend is {args.backend}")
+        return
+    if bad := [m for m in args.methods if m not in SERVED_METHODS]:
+        ap.error(f"--backend vllm runs the methods {', '.join(SERVED_METHODS)}; not {', '.join(bad)}")
+    if args.do_sample:
+        ap.error("--backend vllm decodes greedily; --do-sample is not supported there")
+    needs = {"--draft-url": {"draft", "rsd"}, "--target-url": {"target", "rsd"}}
+    for flag, methods in needs.items():
+        if methods & set(args.methods) and not urls[flag]:
+            ap.error(f"--backend vllm with methods {sorted(methods & set(args.methods))} needs {flag}")
+        if urls[flag] and not urls[flag].startswith(("http://", "https://")):
+            ap.error(f"{flag} must be an http(s) URL, got {urls[flag]!r}")
+
+
+def _validate_prm_urls(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--prm-url NAME=URL` for every reward model RSD runs with, NAMEs known; `args.prm_url` becomes a dict."""
+    given = [_named(v) for v in args.prm_url or []]
+    urls = dict(given)
+    if bad := [u for _, u in given if not u.startswith(("http://", "https://"))]:
+        ap.error(f"--prm-url values must be NAME=URL with an http(s) URL, got {bad}")
+    if unknown := [n for n in urls if n not in args.prm]:
+        ap.error(f"--prm-url names unknown reward models {unknown}; known: {sorted(args.prm)}")
+    if "rsd" in args.methods and (missing := [n for n in args.rsd_prms or args.prm if n not in urls]):
+        ap.error(f"--backend vllm: RSD runs with reward models {missing}, which have no --prm-url NAME=URL")
+    args.prm_url = urls
 
 
 def _model_path(ap: argparse.ArgumentParser, option: str, value: str) -> str:
@@ -325,13 +378,24 @@ def run(args: argparse.Namespace) -> list[dict]:
     store = RecordStore(out / "records.jsonl", resume=args.resume, force=args.force)
     write_json_atomic(out / "run.json", config)
     examples = load_examples(args)
-    models = load_models(args)
+    served = args.backend == "vllm"
+    models = load_served_models(args) if served else load_models(args)
     prompts, problems = prompts_for(examples, models.tokenizer)
     settings = build_settings(args)
     todo = [(s, i) for s in settings for i, e in enumerate(examples) if (s.key, e.id) not in store.done]
     bar = tqdm(total=len(todo), desc="rsd-bench", unit="question", disable=None)
     for setting in settings:
         idx = [i for s, i in todo if s == setting]
+        if served:  # every problem on its own; each record saved as its problem finishes
+            bar.set_postfix_str(setting.name)
+
+            def save(j: int, res: dict, wall: float, setting=setting, idx=idx) -> None:
+                store.add([_record(examples[idx[j]], setting, res, wall)])
+                bar.update(1)
+
+            run_served(models, setting, [prompts[i] for i in idx], [problems[i] for i in idx],
+                       [examples[i].id for i in idx], args.seed, args.concurrency, save)  # fmt: skip
+            idx = []
         size = args.batch_size * (args.queue if setting.method == "rsd" else 1)
         for k in range(0, len(idx), size):
             chunk = idx[k : k + size]
@@ -352,7 +416,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         # after every setting, so a crash keeps it current
         rows = _write_summary(out, store.records, [s.key for s in settings], args)
     bar.close()
-    rewards = step_rewards(models, store.records, {e.id: p for e, p in zip(examples, problems, strict=True)})
+    # the PRMs' weights are on their servers: served runs have no step-reward figure
+    by_id = {e.id: p for e, p in zip(examples, problems, strict=True)}
+    rewards = None if served else step_rewards(models, store.records, by_id)
     if rewards:
         write_json_atomic(out / "step_rewards.json", rewards)
     if not args.no_plots:
@@ -382,6 +448,7 @@ def _record(example, setting: Setting, res: dict, wall: float) -> dict:
 RESUME_MAY_CHANGE = frozenset(
     {"output", "resume", "force", "no_plots", "report_only", "preset"}
     | {"methods", "deltas", "weightings", "rsd_prms", "n", "beams", "beam_expand"}
+    | {"draft_url", "target_url", "prm_url", "concurrency"}  # where the servers are, not what they serve
 )
 # compared as resolved, not as spelled (`--dtype auto` and `float32` on a CPU are the same run): resolved key -> option
 RESOLVED = {"device": "device_map", "torch_dtype": "dtype"}
@@ -508,7 +575,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with output_lock(args.output), quiet_transformers():  # one run per output folder: two write every record twice
         rows = report_only(args) if args.report_only else run(args)
     print(markdown(rows))
-    files = "records.jsonl, summary.json, table.md, step_rewards.json" + ("" if args.no_plots else ", plots/")
+    rewards = ", step_rewards.json" if (args.output / "step_rewards.json").exists() else ""
+    files = f"records.jsonl, summary.json, table.md{rewards}" + ("" if args.no_plots else ", plots/")
     print(f"results in {args.output}/ ({files})")
     return rows
 

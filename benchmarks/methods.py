@@ -54,6 +54,7 @@ class Models:
     do_sample: bool = False  # of the single-sample methods (target, draft, SD, RSD)
     schedule: str | int = "eager"  # rsd_schedule of RSD
     slots: int | None = None  # rsd_max_batch_size of RSD (rows decoded at once; more prompts queue)
+    servers: dict = field(default_factory=dict)  # --backend vllm: `serving.Servers` by PRM name, and "policies"
 
 
 @dataclass

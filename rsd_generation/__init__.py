@@ -3,7 +3,15 @@
 from .decoding import RSDGenerateOutput, rsd_decode
 from .fast import release_fast_caches
 from .mixin import RSDGenerationMixin, with_rsd
-from .rewards import QwenPRM, RewardModel, SequenceClassificationRM, ValueHeadPRM, detect_kind, load_reward_model
+from .rewards import (
+    QwenPRM,
+    RewardModel,
+    SequenceClassificationRM,
+    ValueHeadPRM,
+    detect_kind,
+    load_reward_format,
+    load_reward_model,
+)
 from .speculative import speculative_generate
 from .stats import RSDStats, Step
 from .weighting import WEIGHTINGS, accept, binary, clip, constant, get_weighting, logistic, sigmoidal
@@ -24,6 +32,7 @@ __all__ = [
     "constant",
     "detect_kind",
     "get_weighting",
+    "load_reward_format",
     "load_reward_model",
     "logistic",
     "release_fast_caches",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers import logging as hf_logging
 from transformers.utils import cached_file
 
@@ -485,6 +485,24 @@ def load_reward_model(
         return ValueHeadPRM(backbone, _place(head, backbone), tokenizer, step_token, strip_steps)
     head = _head_from(read_tensors(files, "score."), hidden_size, "mlp", f"{path} score")
     return QwenPRM(backbone, _place(head, backbone), tokenizer)
+
+
+def load_reward_format(path: str | os.PathLike, kind: str = "auto", tokenizer=None, step_token: str | None = None,
+                       strip_steps: bool | None = None) -> RewardModel:  # fmt: skip
+    """A process reward model's input format and parameter count without its weights: the adapter
+    `load_reward_model` gives, over a backbone on the meta device (no weight is read but the small head's). For
+    clients of a PRM served elsewhere (`rsd_generation.serving`): `prefix_ids`, `step_ids` and `num_parameters`
+    work; scoring does not. Value-head and Qwen PRM layouts only (arguments as `load_reward_model`)."""
+    check_checkpoint_path(path, "reward model")
+    with torch.device("meta"):
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
+    try:
+        return load_reward_model(path, kind, tokenizer, backbone=backbone, step_token=step_token,
+                                 strip_steps=strip_steps)  # fmt: skip
+    except ValueError as e:
+        if "backbone=" in str(e):  # an outcome reward model
+            raise ValueError(f"{path!r}: only value_head and qwen_prm reward models have a served input format") from e
+        raise
 
 
 def read_prm_format(path: str | os.PathLike) -> dict | None:

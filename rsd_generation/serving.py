@@ -17,7 +17,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -91,11 +91,21 @@ async def write_step(servers: Servers, role: str, context: list[int], max_tokens
     return list(out["choices"][0]["token_ids"])
 
 
-async def score(servers: Servers, ids: list[int]) -> float:
-    """The PRM server's output at the last of `ids` (the step token of the newest step)."""
+async def write_response(servers: Servers, role: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """The token ids of a whole greedy response the `role` server writes after `prompt` (to EOS or `max_tokens`):
+    the target-only and draft-only baselines."""
+    body = {"model": await _name(servers, role), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "return_token_ids": True}  # fmt: skip
+    out = await _call(getattr(servers, role) + "/v1/completions", body, servers.timeout)
+    return list(out["choices"][0]["token_ids"])
+
+
+async def score(servers: Servers, ids: list[int], kind: str = "value_head") -> float:
+    """The PRM server's reward at the last of `ids` (the step token of the newest step): a value-head PRM's one
+    output (the plugin's sigmoid), a Qwen PRM's probability of its positive class (vLLM's softmax over two)."""
     body = {"model": await _name(servers, "reward"), "input": ids, "task": "token_classify"}
     per_token = (await _call(servers.reward + "/pooling", body, servers.timeout))["data"][0]["data"]
-    return float(per_token[-1][0])
+    return float(per_token[-1][1 if kind == "qwen_prm" else 0])
 
 
 async def solve(
@@ -128,7 +138,7 @@ async def solve(
         budget = min(max_step_tokens, max_new_tokens - len(out))
         y_hat = await write_step(servers, "draft", prompt + out, budget, separator)  # 1. draft step
         text = tokenizer.decode(y_hat, skip_special_tokens=True)
-        r = await score(servers, prm_ids + reward_format.step_ids(text))  # 2. reward
+        r = await score(servers, prm_ids + reward_format.step_ids(text), reward_format.kind)  # 2. reward
         w = omega(torch.tensor([r]))  # 3. acceptance
         u = torch.rand(1, generator=generator) if needs_draw(w) else None
         kept = bool(accept(w, u)[0])
@@ -155,25 +165,57 @@ def generate_over_servers(
     weighting: str = "binary",
     concurrency: int = 64,
     seed: int | None = None,
+    on_result: Callable[[int, tuple[list[int], list[Step]]], None] | None = None,
     **kwargs,
 ) -> list[tuple[list[int], list[Step]]]:
     """RSD for every prompt over the servers, at most `concurrency` problems in flight, each on its own; results in
-    prompt order. `kwargs` go to `solve` (`separator`, `max_new_tokens`, `max_step_tokens`, `eos`)."""
+    prompt order. `on_result(i, result)` is called as each problem finishes (to save it: a later failure loses
+    nothing finished). `kwargs` go to `solve` (`separator`, `max_new_tokens`, `max_step_tokens`, `eos`)."""
     if len(prompts) != len(problems):
         raise ValueError(f"one problem per prompt: got {len(problems)} problems for {len(prompts)} prompts")
-    if not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
     omega = get_weighting(weighting, threshold)
+
+    def one(i: int):
+        g = torch.Generator().manual_seed(seed + i) if seed is not None else None  # a stream per problem
+        return solve(servers, list(prompts[i]), problems[i], tokenizer, reward_format, omega, generator=g, **kwargs)
+
+    return run_all(one, len(prompts), concurrency, on_result)
+
+
+def alone_over_servers(
+    servers: Servers,
+    role: str,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    *,
+    concurrency: int = 64,
+    on_result: Callable[[int, list[int]], None] | None = None,
+) -> list[list[int]]:
+    """One greedy response per prompt from the `role` server alone (`"draft"` or `"target"`), as
+    `generate_over_servers` runs them: the new token ids, in prompt order."""
+    if role not in ("draft", "target"):
+        raise ValueError(f"role must be 'draft' or 'target', got {role!r}")
+    return run_all(
+        lambda i: write_response(servers, role, list(prompts[i]), max_new_tokens), len(prompts), concurrency, on_result
+    )
+
+
+def run_all(job: Callable[[int], Awaitable], n: int, concurrency: int, on_result: Callable | None = None) -> list:
+    """`job(i)` for i < n, at most `concurrency` at a time; the results in order, each also handed to
+    `on_result(i, result)` as it comes. The first failure ends the run (jobs in flight are cancelled)."""
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
 
     async def run() -> list:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(i: int):
-            g = torch.Generator().manual_seed(seed + i) if seed is not None else None  # a stream per problem
             async with gate:
-                return await solve(servers, list(prompts[i]), problems[i], tokenizer, reward_format, omega,
-                                   generator=g, **kwargs)  # fmt: skip
+                result = await job(i)
+            if on_result is not None:
+                on_result(i, result)
+            return result
 
-        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        return await asyncio.gather(*(one(i) for i in range(n)))
 
     return asyncio.run(run())

@@ -159,6 +159,31 @@ def test_rsd_over_servers_takes_the_in_process_decisions(policy_server, prm_serv
     assert any(ids[-1:] == [tok.eos_token_id] for ids, _ in served), "rows must end at EOS (vLLM returns its id)"
 
 
+@NEEDS_VLLM
+def test_rsd_bench_over_servers_gives_the_in_process_records(policy_server, prm_server, tmp_path):
+    """`rsd-bench --backend vllm` on 10 toy problems gives the responses, decisions and rewards of the same run in
+    process (the toy target as draft and target), and says where it differs: nowhere."""
+    from rsd_generation.benchmarks import cli
+
+    common = ["--draft", str(TOY / "target"), "--prm", f"large={TOY / 'prm-large'}", "--methods", "target", "rsd",
+              "--num-problems", "10", "--seed", "3", "--no-plots"]  # fmt: skip
+    cli.main([*common, "--output", str(tmp_path / "here")])
+    cli.main([*common, "--output", str(tmp_path / "served"), "--backend", "vllm", "--draft-url", policy_server,
+              "--target-url", policy_server, "--prm-url", f"large={prm_server}"])  # fmt: skip
+    here, served = (
+        {(r["setting"], r["id"]): r for r in map(json.loads, (tmp_path / d / "records.jsonl").read_text().splitlines())}
+        for d in ("here", "served")
+    )
+    assert here.keys() == served.keys() and len(here) == 20
+    for key, r in here.items():
+        s = served[key]
+        assert (s["response"], s["new_tokens"], s["correct"]) == (r["response"], r["new_tokens"], r["correct"]), key
+        if r["method"] == "rsd":
+            assert [a for _, a in s["step_rewards"]] == [a for _, a in r["step_rewards"]], key
+            assert [w for w, _ in s["step_rewards"]] == pytest.approx([w for w, _ in r["step_rewards"]], abs=1e-5)
+            assert s["decode_flops"] == r["decode_flops"], key
+
+
 def _vllm_env() -> dict:
     """What vLLM's CPU servers need here."""
     return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
