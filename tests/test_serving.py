@@ -86,7 +86,13 @@ class _Policy(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self):
-        self._send(200, {"data": [{"id": "stub"}]})
+        if self.path == "/metrics":  # Prometheus text, as vLLM's: a counter per label set
+            raw = f'# HELP x\nvllm:prompt_tokens_total{{engine="0"}} {10.0 * self.server.calls}\n'.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            return self.wfile.write(raw)
+        self._send(200, {"version": "stub"} if self.path == "/version" else {"data": [{"id": "stub"}]})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -212,3 +218,28 @@ def test_server_urls_need_the_vllm_backend(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--target-url", "http://t", "--no-plots"])
     assert "--target-url name servers for --backend vllm; this run's backend is transformers" in capsys.readouterr().err
+
+
+def test_the_served_speed_script_compares_the_two_loops(served, tmp_path):
+    """`benchmarks.served_speed` runs the asynchronous client and the lockstep loop on the same servers: the same
+    tokens and decisions, problems/s of each, and each server's counters over each run."""
+    from rsd_generation.benchmarks import served_speed
+
+    policy, prm = served
+    url, prm_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in (policy, prm))
+    urls = tmp_path / "urls.json"
+    urls.write_text(json.dumps({"draft": url, "target": url, "prm": prm_url}))
+    out = tmp_path / "speed.json"
+    args = ["--urls", str(urls), "--target", str(TOY / "target"), "--prm", str(TOY / "prm-large"), "--num-problems",
+            "5", "--output", str(out)]  # fmt: skip
+    result = served_speed.main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["same_tokens"] and result["same_decisions"]
+    for run in result["runs"].values():
+        drafted = 5 * 3  # the stub's 3 steps per problem, each drafted, a target step per rejection
+        assert run["problems_per_s"] > 0 and run["steps"] == drafted + round(drafted * (1 - run["acceptance_rate"]))
+        counts = run["server_counts"]  # the stub counts 10 prompt tokens per request
+        assert counts["draft+target"]["prompt_tokens_total"] == 10 * run["steps"]
+        assert counts["prm"]["prompt_tokens_total"] == 10 * drafted
+    with pytest.raises(SystemExit, match="exists"):
+        served_speed.main(args)
