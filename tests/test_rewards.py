@@ -203,3 +203,24 @@ def test_score_last_equals_incremental_scoring_for_branching_rows(kind, skywork_
     expected = [prm.score_steps(p, [*h, s])[-1] for p, h, s in zip(problems, histories, steps, strict=True)]
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
     assert len(set(got.tolist())) == 3, "rows must not share a score"
+
+
+@pytest.mark.parametrize("which", ["skywork", "qwen"])
+def test_a_reward_format_is_the_loaded_models_without_its_weights(skywork_path, qwen_prm_path, tok, which):
+    """`load_reward_format` gives the input `load_reward_model` builds and its parameter count, over a backbone on the
+    meta device (no weight read)."""
+    path = skywork_path if which == "skywork" else qwen_prm_path
+    loaded, fmt = rsd.load_reward_model(path, tokenizer=tok), rsd.load_reward_format(path, tokenizer=tok)
+    assert type(fmt) is type(loaded) and fmt.num_parameters == loaded.num_parameters
+    assert all(p.is_meta for p in fmt.backbone.parameters())
+    assert fmt.prefix_ids(PROBLEM) == loaded.prefix_ids(PROBLEM)
+    assert [fmt.step_ids(s) for s in STEPS] == [loaded.step_ids(s) for s in STEPS]
+
+
+def test_an_outcome_reward_model_has_no_served_format(tmp_path, tok):
+    model = make_lm("qwen2", len(tok), seed=8)
+    Qwen2ForSequenceClassification(
+        model.config.__class__(**{**model.config.to_dict(), "num_labels": 1})
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="only value_head and qwen_prm reward models have a served input format"):
+        rsd.load_reward_format(tmp_path, tokenizer=tok)
