@@ -448,18 +448,7 @@ def load_reward_model(
     check_checkpoint_path(path_or_model, "reward model")
     path = str(path_or_model)
     from_pretrained_kwargs.setdefault("trust_remote_code", False)  # never execute code from a checkpoint
-    config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False)
-    if config_file is None:
-        raise ValueError(f"{path!r} has no config.json: not a transformers checkpoint")
-    archs = json.loads(Path(config_file).read_text()).get("architectures") or []
-    files = checkpoint_tensor_files(path)
-    if kind == "auto":
-        kind = detect_kind(archs, files)
-        if kind is None:
-            raise ValueError(
-                f"cannot detect the reward model kind of {path!r}: architectures {archs} and no v_head.* or score.* "
-                f"tensors; pass kind= one of {', '.join(KINDS)}"
-            )
+    kind, files = checkpoint_kind(path, kind)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(path)
     if kind != ValueHeadPRM.kind and (step_token is not None or strip_steps is not None):
@@ -487,6 +476,24 @@ def load_reward_model(
     return QwenPRM(backbone, _place(head, backbone), tokenizer)
 
 
+def checkpoint_kind(path: str, kind: str = "auto") -> tuple[str, dict[str, str]]:
+    """A reward model checkpoint's kind (`kind` itself unless "auto": detected from its config's architectures and
+    its tensor names) and its tensor files (`checkpoint_tensor_files`)."""
+    config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False)
+    if config_file is None:
+        raise ValueError(f"{path!r} has no config.json: not a transformers checkpoint")
+    archs = json.loads(Path(config_file).read_text()).get("architectures") or []
+    files = checkpoint_tensor_files(path)
+    if kind == "auto":
+        kind = detect_kind(archs, files)
+        if kind is None:
+            raise ValueError(
+                f"cannot detect the reward model kind of {path!r}: architectures {archs} and no v_head.* or score.* "
+                f"tensors; pass kind= one of {', '.join(KINDS)}"
+            )
+    return kind, files
+
+
 def load_reward_format(path: str | os.PathLike, kind: str = "auto", tokenizer=None, step_token: str | None = None,
                        strip_steps: bool | None = None) -> RewardModel:  # fmt: skip
     """A process reward model's input format and parameter count without its weights: the adapter
@@ -494,15 +501,12 @@ def load_reward_format(path: str | os.PathLike, kind: str = "auto", tokenizer=No
     clients of a PRM served elsewhere (`rsd_generation.serving`): `prefix_ids`, `step_ids` and `num_parameters`
     work; scoring does not. Value-head and Qwen PRM layouts only (arguments as `load_reward_model`)."""
     check_checkpoint_path(path, "reward model")
+    kind, _ = checkpoint_kind(str(path), kind)
+    if kind == SequenceClassificationRM.kind:
+        raise ValueError(f"{str(path)!r}: only value_head and qwen_prm reward models have a served input format")
     with torch.device("meta"):
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
-    try:
-        return load_reward_model(path, kind, tokenizer, backbone=backbone, step_token=step_token,
-                                 strip_steps=strip_steps)  # fmt: skip
-    except ValueError as e:
-        if "backbone=" in str(e):  # an outcome reward model
-            raise ValueError(f"{path!r}: only value_head and qwen_prm reward models have a served input format") from e
-        raise
+    return load_reward_model(path, kind, tokenizer, backbone=backbone, step_token=step_token, strip_steps=strip_steps)
 
 
 def read_prm_format(path: str | os.PathLike) -> dict | None:
