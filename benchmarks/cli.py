@@ -395,24 +395,24 @@ def run(args: argparse.Namespace) -> list[dict]:
 
             run_served(models, setting, [prompts[i] for i in idx], [problems[i] for i in idx],
                        [examples[i].id for i in idx], args.seed, args.concurrency, save)  # fmt: skip
-            idx = []
-        size = args.batch_size * (args.queue if setting.method == "rsd" else 1)
-        for k in range(0, len(idx), size):
-            chunk = idx[k : k + size]
-            bar.set_postfix_str(setting.name)
-            batch = Batch(
-                prompts=[prompts[i] for i in chunk],
-                problems=[problems[i] for i in chunk],
-                seed=seed_for(setting, examples[chunk[0]].id, args.seed),
-                answer_key=lambda row, text, chunk=chunk: datasets.answer_key(examples[chunk[row]], text),
-            )
-            _sync()
-            t0 = time.perf_counter()
-            results = METHODS[setting.method](models, setting, batch)
-            _sync()
-            wall = (time.perf_counter() - t0) / len(chunk)
-            store.add([_record(examples[i], setting, res, wall) for i, res in zip(chunk, results, strict=True)])
-            bar.update(len(chunk))
+        else:  # batches of prompts through the in-process methods
+            size = args.batch_size * (args.queue if setting.method == "rsd" else 1)
+            for k in range(0, len(idx), size):
+                chunk = idx[k : k + size]
+                bar.set_postfix_str(setting.name)
+                batch = Batch(
+                    prompts=[prompts[i] for i in chunk],
+                    problems=[problems[i] for i in chunk],
+                    seed=seed_for(setting, examples[chunk[0]].id, args.seed),
+                    answer_key=lambda row, text, chunk=chunk: datasets.answer_key(examples[chunk[row]], text),
+                )
+                _sync()
+                t0 = time.perf_counter()
+                results = METHODS[setting.method](models, setting, batch)
+                _sync()
+                wall = (time.perf_counter() - t0) / len(chunk)
+                store.add([_record(examples[i], setting, res, wall) for i, res in zip(chunk, results, strict=True)])
+                bar.update(len(chunk))
         # after every setting, so a crash keeps it current
         rows = _write_summary(out, store.records, [s.key for s in settings], args)
     bar.close()
