@@ -131,8 +131,8 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
     separator = rsd.get("rsd_step_separator", "\n\n")
     if not isinstance(separator, str) or not separator:
         raise ValueError(f"rsd_step_separator must be a non-empty string, got {separator!r}")
-    max_step_tokens = _check_int("rsd_max_step_tokens", rsd.get("rsd_max_step_tokens", 512), 1)
-    max_steps = _check_int("rsd_max_steps", rsd.get("rsd_max_steps"), 1, optional=True)
+    max_step_tokens = check_int("rsd_max_step_tokens", rsd.get("rsd_max_step_tokens", 512), 1)
+    max_steps = check_int("rsd_max_steps", rsd.get("rsd_max_steps"), 1, optional=True)
     generator = rsd.get("rsd_generator")
     if isinstance(generator, (list, tuple)):
         if not all(isinstance(g, torch.Generator) for g in generator):
@@ -143,8 +143,8 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         raise ValueError(f"rsd_generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
     check_fast_path(rsd.get("rsd_fast_path", "auto"), target)
     schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
-    max_batch_size = _check_int("rsd_max_batch_size", rsd.get("rsd_max_batch_size"), 1, optional=True)
-    speculative = _check_int("rsd_speculative", rsd.get("rsd_speculative", 0), 0, what=" (γ, 0: off)")
+    max_batch_size = check_int("rsd_max_batch_size", rsd.get("rsd_max_batch_size"), 1, optional=True)
+    speculative = check_int("rsd_speculative", rsd.get("rsd_speculative", 0), 0, what=" (γ, 0: off)")
     reward_prompts = rsd.get("reward_prompts")
     if reward_prompts is not None and (
         isinstance(reward_prompts, str) or not all(isinstance(p, str) for p in reward_prompts)
@@ -204,7 +204,7 @@ def with_rsd(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _check_int(name: str, value, minimum: int, optional: bool = False, what: str = "") -> int | None:
+def check_int(name: str, value, minimum: int, optional: bool = False, what: str = "") -> int | None:
     """`value` if it is an int >= `minimum` (a bool is not; None too when `optional`), else a ValueError naming it."""
     if value is None and optional:
         return None

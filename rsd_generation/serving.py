@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .mixin import check_int
 from .stats import Step
 from .weighting import Weighting, accept, get_weighting, needs_draw
 
@@ -204,8 +205,7 @@ def alone_over_servers(
 def run_all(job: Callable[[int], Awaitable], n: int, concurrency: int, on_result: Callable | None = None) -> list:
     """`job(i)` for i < n, at most `concurrency` at a time; the results in order, each also handed to
     `on_result(i, result)` as it comes. The first failure ends the run (jobs in flight are cancelled)."""
-    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
-        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    check_int("concurrency", concurrency, 1)
 
     async def run() -> list:
         gate = asyncio.Semaphore(concurrency)

@@ -25,7 +25,7 @@ from .decoding import (
 )
 from .fast import check_fast_path, fast_mode, row_cache
 from .kv import pad_right
-from .mixin import check_inputs
+from .mixin import check_inputs, check_int
 
 
 def speculative_generate(
@@ -48,8 +48,7 @@ def speculative_generate(
         hold `forward_calls`, `forward_tokens` and `num_parameters` per model, and per row `row_forward_tokens`
         (per model), `row_target_forwards` and `row_draft_tokens`.
     """
-    if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
-        raise ValueError(f"gamma must be an int >= 1 (tokens proposed per target forward), got {gamma!r}")
+    check_int("gamma", gamma, 1, what=" (tokens proposed per target forward)")
     if not isinstance(draft, PreTrainedModel) or draft.get_output_embeddings() is None:
         raise ValueError(f"draft must be a causal LM with an output head, got {type(draft).__name__}")
     check_fast_path(fast_path, target)
