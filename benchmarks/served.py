@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import rsd_generation as rsd
-from rsd_generation.serving import Servers, run_all, solve, write_response
+from rsd_generation.serving import Servers, alone_over_servers, run_all, solve
 from rsd_generation.stats import Step
 from rsd_generation.weighting import get_weighting
 
@@ -100,13 +100,13 @@ def run_served(
         role = setting.method
         model = models.target if role == "target" else models.draft
 
-        async def plain(i: int) -> dict:
-            new = await write_response(models.servers["policies"], role, encoded[i], models.max_new_tokens)
+        def plain(i: int, new: list[int]) -> None:
             c = costs({role: model.num_parameters()}, {role: plain_positions(len(encoded[i]), [len(new)])},
                       {role: len(new)})  # fmt: skip
-            return {"response": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new), **c}
+            done(i, {"response": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new), **c})
 
-        run_all(plain, len(prompts), concurrency, done)
+        alone_over_servers(models.servers["policies"], role, encoded, models.max_new_tokens, concurrency=concurrency,
+                           on_result=plain)  # fmt: skip
         return
     p = setting.params
     prm, servers = models.prms[p["prm"]], models.servers[p["prm"]]
