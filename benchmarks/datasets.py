@@ -137,7 +137,7 @@ def load_toy_dataset(seed: int, n: int, levels: tuple[int, ...] = task.LEVELS) -
     if not levels:
         raise ValueError(f"levels must name at least one of {task.LEVELS}, got {levels!r}")
     return [
-        Example(f"toy-{seed}-{i}", p.prompt.strip(), str(p.answer), p.level, "toy")
+        Example(f"toy-{seed}-{i}", p.question, str(p.answer), p.level, "toy")
         for i, p in enumerate(task.problems(seed, n, levels))
     ]
 

@@ -48,6 +48,11 @@ class Problem:
         return f"Compute {self.expression}.{SEPARATOR}"
 
     @property
+    def question(self) -> str:
+        """The problem as the benchmark states it (the text the PRMs see as the problem)."""
+        return self.prompt.strip()
+
+    @property
     def answer(self) -> int:
         """The value of the expression (products first, then left to right)."""
         return _reduce_all(list(self.numbers), list(self.ops))
@@ -142,6 +147,44 @@ def _advance(nums: list[int], ops: list[str], step: str) -> bool:
             nums[i : i + 2], ops[i : i + 1] = [c], []
             return True
     return False
+
+
+CORRUPTIONS = ("result", "operand", "order")
+
+
+def corrupt_step(problem: Problem, steps_before: list[str], rng: random.Random, kind: str = "result") -> str:
+    """A wrong next step after the correct `steps_before`, close to a right one (a PRM's hard negative).
+
+    Kinds: "result" (the next legal reduction with a nearby wrong result), "operand" (an operand changed and the
+    arithmetic right for the changed pair, so the pair is not in the expression), "order" (a sum or difference that
+    may not be reduced yet, with the right arithmetic; "result" where every remaining operation is legal). Once the
+    expression is a single number, the step is "The answer is N." with N off by a little, whatever the kind.
+    """
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"kind must be one of {CORRUPTIONS}, got {kind!r}")
+    nums, ops = list(problem.numbers), list(problem.ops)
+    for s in steps_before:
+        if not _advance(nums, ops, s):
+            raise ValueError(f"steps_before must be correct steps of {problem.expression}; {s!r} is not")
+    off = rng.choice((1, 2, 3, 5, 9, 10, 11, 20, 100)) * rng.choice((-1, 1))
+    if not nums:
+        raise ValueError(f"steps_before already answer {problem.expression}: no step may follow")
+    if not ops:
+        return f"The answer is {nums[0] + off}."
+    illegal = [i for i in range(len(ops)) if not _legal(ops, i)]
+    i = _next_legal(ops)
+    a, o, b = nums[i], ops[i], nums[i + 1]
+    if kind == "operand":
+        a, b = (a + off, b) if rng.random() < 0.5 else (a, b + off)
+        step = f"{a}{o}{b}={_apply(a, o, b)}"
+    elif kind == "order" and illegal:
+        j = rng.choice(illegal)
+        step = f"{nums[j]}{ops[j]}{nums[j + 1]}={_apply(nums[j], ops[j], nums[j + 1])}"
+    else:
+        step = f"{a}{o}{b}={_apply(a, o, b) + off}"
+    if step_labels(problem, [*steps_before, step])[-1]:  # e.g. the changed pair also occurs in the expression
+        step = f"{nums[i]}{ops[i]}{nums[i + 1]}={_apply(nums[i], ops[i], nums[i + 1]) + off}"
+    return step
 
 
 def final_answer(text: str) -> int | None:
