@@ -14,10 +14,11 @@ from .rewards import (
 )
 from .speculative import speculative_generate
 from .stats import RSDStats, Step
-from .weighting import WEIGHTINGS, accept, binary, clip, constant, get_weighting, logistic, sigmoidal
+from .weighting import WEIGHTINGS, Budget, accept, binary, clip, constant, get_weighting, logistic, sigmoidal
 
 __all__ = [
     "WEIGHTINGS",
+    "Budget",
     "QwenPRM",
     "RSDGenerateOutput",
     "RSDGenerationMixin",

@@ -12,10 +12,11 @@ from .decoding import RSDOptions, check_prompts, rsd_decode, stop_string_criteri
 from .fast import check_fast_path
 from .rewards import RewardModel
 from .schedule import Scheduler
-from .weighting import DEFAULT_THRESHOLD, get_weighting
+from .weighting import DEFAULT_THRESHOLD, Budget, get_weighting
 
 RSD_KWARGS = (
     "rsd_threshold",
+    "rsd_budget",
     "rsd_weighting",
     "rsd_weighting_kwargs",
     "rsd_step_separator",
@@ -46,6 +47,8 @@ class RSDGenerationMixin(GenerationMixin):
             reward_model (`RewardModel`, *optional*): from `rsd.load_reward_model`; enables RSD, with the draft
                 given as `assistant_model` and the target being this model.
             rsd_threshold (`float`, default 0.7): δ of the binary and logistic weightings, p of the constant one.
+            rsd_budget (`float`, *optional*): instead of δ, the largest share γ of steps the target may write; δ is
+                then chosen online, a binary weighting's (`weighting.Budget`), over all rows of the call.
             rsd_weighting (`str` or `Callable`, default `"binary"`): `"binary"`, `"constant"`, `"clip"`,
                 `"sigmoidal"`, `"logistic"`, or a callable mapping rewards `(R,)` to ω in [0, 1].
             rsd_weighting_kwargs (`dict`, *optional*): `alpha` for logistic, `p` for constant.
@@ -127,7 +130,13 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         raise ValueError("RSD needs tokenizer= (the policies' tokenizer) to find step boundaries and talk to the PRM")
     _check_shared_vocab(target, draft, tokenizer, kwargs.pop("assistant_tokenizer", None))
     threshold = rsd.get("rsd_threshold", DEFAULT_THRESHOLD)
-    omega = get_weighting(rsd.get("rsd_weighting", "binary"), threshold, **(rsd.get("rsd_weighting_kwargs") or {}))
+    if rsd.get("rsd_budget") is not None:
+        given = [k for k in ("rsd_threshold", "rsd_weighting", "rsd_weighting_kwargs") if rsd.get(k) is not None]
+        if given:
+            raise ValueError(f"rsd_budget chooses a binary weighting's δ itself; drop {', '.join(given)}")
+        omega = Budget(rsd["rsd_budget"])
+    else:
+        omega = get_weighting(rsd.get("rsd_weighting", "binary"), threshold, **(rsd.get("rsd_weighting_kwargs") or {}))
     separator = rsd.get("rsd_step_separator", "\n\n")
     if not isinstance(separator, str) or not separator:
         raise ValueError(f"rsd_step_separator must be a non-empty string, got {separator!r}")

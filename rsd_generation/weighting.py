@@ -87,6 +87,45 @@ def get_weighting(
     return {"clip": clip, "sigmoidal": sigmoidal}[weighting]
 
 
+class Budget:
+    """Binary weighting whose δ is chosen online so that at most a fraction γ of the steps goes to the target.
+
+    Under a budget on target calls the optimal weighting is binary with δ the γ-quantile of the rewards (the paper's
+    Proposition 2.3). At each call δ is the γ-quantile of every reward seen so far (this call's included); a step is
+    rejected when its reward is below δ and the budget has room: after n steps at most ⌊γ n⌋ are rejected (the
+    lowest rewards first within a call), so the realised share never exceeds γ. One budget serves one `generate`
+    call: its rows share it, so a row's decisions depend on the others'.
+
+    Args:
+        gamma (`float`): the largest share of steps the target may write, in [0, 1].
+    """
+
+    def __init__(self, gamma: float):
+        if not is_real(gamma) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"rsd_budget must be a share of steps in [0, 1], got {gamma!r}")
+        self.gamma = float(gamma)
+        self.rewards: list[float] = []
+        self.rejected = 0
+
+    @property
+    def delta(self) -> float:
+        """The current threshold: the γ-quantile of the rewards seen (-inf before any)."""
+        if not self.rewards or self.gamma == 0.0:
+            return -math.inf
+        return float(torch.quantile(torch.tensor(self.rewards, dtype=torch.float64), self.gamma))
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        """ω = 0 for the rejected rows, 1 for the others (the state advances: call once per scored batch)."""
+        self.rewards += r.tolist()
+        room = math.floor(self.gamma * len(self.rewards) + 1e-9) - self.rejected
+        below = (r < self.delta).nonzero().flatten()
+        reject = below[r[below].argsort(stable=True)][: max(0, room)]
+        self.rejected += len(reject)
+        omega = torch.ones_like(r)
+        omega[reject] = 0.0
+        return omega
+
+
 def is_real(x) -> bool:
     """A real number (Python, NumPy or a 0-d tensor's item), not a bool."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)

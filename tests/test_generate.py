@@ -167,6 +167,12 @@ def test_with_rsd_is_in_place_idempotent_and_keeps_the_class_name(tok):
         ({"input_ids": torch.zeros(1, 0, dtype=torch.long), "attention_mask": torch.ones(1, 0)}, "row(s) [0] of 1"),
         ({"attention_mask": torch.tensor([[1] * 10, [0] * 10, [1] * 10])}, "row(s) [1] of 3 are empty"),
         ({"assistant_model": "backbone"}, "assistant_model must be a causal LM with an output head"),
+        ({"rsd_budget": 1.2}, "rsd_budget must be a share of steps in [0, 1], got 1.2"),
+        (
+            {"rsd_budget": 0.2, "rsd_threshold": 0.7},
+            "rsd_budget chooses a binary weighting's δ itself; drop rsd_threshold",
+        ),
+        ({"rsd_budget": 0.2, "rsd_weighting": "clip"}, "drop rsd_weighting"),
     ],
 )
 def test_bad_input_is_refused_with_the_value_named(qwen_pair, prm, tok, kwargs, message):

@@ -166,3 +166,20 @@ def test_the_speculative_calls_script_writes_its_results(tmp_path):
     res = speculative_calls.main(["--num-problems", "4", "--gammas", "0", "4", "--output", str(out)])
     assert out.exists() and res["rows"][1]["same_output_as_first"] and res["rows"][2]["same_output_as_target_generate"]
     assert res["rows"][1]["forward_calls"]["target"] < res["rows"][0]["forward_calls"]["target"]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5])
+def test_a_budget_keeps_the_target_share_of_steps_at_most_gamma_on_the_toy_task(gamma):
+    """`rsd_budget=γ`: the target writes at most a share γ of the steps, and nearly that share (within 0.1)."""
+    tok = AutoTokenizer.from_pretrained(TOY / "target", padding_side="left")
+    target = rsd.with_rsd(AutoModelForCausalLM.from_pretrained(TOY / "target").eval())
+    draft = AutoModelForCausalLM.from_pretrained(TOY / "draft").eval()
+    prm = rsd.load_reward_model(TOY / "prm-small")
+    problems = [p.question for p in task.problems(11, 40)]
+    enc = tok([q + task.SEPARATOR for q in problems], return_tensors="pt", padding=True)
+    kw = dict(tokenizer=tok, assistant_model=draft, reward_model=prm, reward_prompts=problems, max_new_tokens=160)
+    out = target.generate(**enc, **kw, rsd_budget=gamma, do_sample=False, return_dict_in_generate=True)
+    steps = [s for row in out.rsd_stats["steps"] for s in row if s["source"] == "draft"]
+    share = sum(not s["accepted"] for s in steps) / len(steps)
+    assert gamma - 0.1 <= share <= gamma
+    assert len(steps) > 100

@@ -67,3 +67,34 @@ def test_acceptance_frequency_matches_omega_under_seed():
     hits = rsd.accept(omega, torch.rand(len(omega))).float().reshape(3, -1).mean(1)
     # binomial std at n=20000 is <= 0.0036; allow 4 sigma
     assert hits.tolist() == pytest.approx([0.1, 0.5, 0.9], abs=0.015)
+
+
+def test_a_budget_never_exceeds_its_share_and_uses_it():
+    g = torch.Generator().manual_seed(0)
+    for gamma in (0.1, 0.3, 0.5):
+        budget, rejected, n = rsd.Budget(gamma), 0, 0
+        for size in [1, 1, 3, 16, 1, 7, 2] * 20:
+            r = torch.rand(size, generator=g)
+            omega = budget(r)
+            assert set(omega.tolist()) <= {0.0, 1.0}
+            rejected, n = rejected + int((omega == 0).sum()), n + size
+            assert rejected <= gamma * n + 1e-9  # never over budget, at any point
+        assert rejected == budget.rejected and rejected >= (gamma - 0.05) * n  # and it spends nearly all of it
+        assert budget.delta == pytest.approx(float(torch.quantile(torch.tensor(budget.rewards), gamma)))
+
+
+def test_a_budget_rejects_the_lowest_rewards_below_its_quantile():
+    budget = rsd.Budget(0.5)
+    assert budget(torch.tensor([0.9, 0.8])).tolist() == [1.0, 0.0]  # δ = 0.85, room for 1 of 2
+    budget = rsd.Budget(0.5)
+    assert budget(torch.tensor([0.9, 0.1, 0.2, 0.95])).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert budget.delta == pytest.approx(0.55)
+    # now δ = 0.2 and room for 1 more (3 of 7): of 0.15 and 0.05, both below δ, the lowest goes
+    assert budget(torch.tensor([0.15, 0.05, 0.99])).tolist() == [1.0, 0.0, 1.0]
+    assert rsd.Budget(0.0)(torch.tensor([0.0, -1.0])).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "0.3", True, float("nan")])
+def test_a_bad_budget_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match=f"rsd_budget must be a share of steps in \\[0, 1\\], got {bad!r}"):
+        rsd.Budget(bad)
