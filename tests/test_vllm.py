@@ -91,15 +91,22 @@ def _serve(model: Path, log: Path):
 
 @pytest.fixture(scope="module")
 def prm_server(tmp_path_factory):
-    """The toy large PRM (head size 32: vLLM's CPU attention refuses the small PRM's 24)."""
+    """The toy large PRM."""
     with _serve(TOY / "prm-large", tmp_path_factory.mktemp("vllm") / "prm.log") as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def policy_server(tmp_path_factory):
-    """The toy target (head size 32), serving as draft and target: the toy draft's head size is 24."""
+    """The toy target."""
     with _serve(TOY / "target", tmp_path_factory.mktemp("vllm") / "target.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def draft_server(tmp_path_factory):
+    """The toy draft (head size 32, as every toy model now has: vLLM's CPU attention refuses 24)."""
+    with _serve(TOY / "draft", tmp_path_factory.mktemp("vllm") / "draft.log") as url:
         yield url
 
 
@@ -160,21 +167,23 @@ def test_rsd_over_servers_takes_the_in_process_decisions(policy_server, prm_serv
 
 
 @NEEDS_VLLM
-def test_rsd_bench_over_servers_gives_the_in_process_records(policy_server, prm_server, tmp_path):
-    """`rsd-bench --backend vllm` on 10 toy problems gives the responses, decisions and rewards of the same run in
-    process (the toy target as draft and target), and says where it differs: nowhere."""
+def test_rsd_bench_over_servers_gives_the_in_process_records(draft_server, policy_server, prm_server, tmp_path):
+    """`rsd-bench --backend vllm` on 50 toy problems, with the toy draft, target and large PRM each served, gives
+    the responses, decisions and rewards of the same run in process, and says where it differs: nowhere."""
     from rsd_generation.benchmarks import cli
 
-    common = ["--draft", str(TOY / "target"), "--prm", f"large={TOY / 'prm-large'}", "--methods", "target", "rsd",
-              "--num-problems", "10", "--seed", "3", "--no-plots"]  # fmt: skip
+    common = ["--prm", f"large={TOY / 'prm-large'}", "--methods", "target", "draft", "rsd", "--num-problems", "50",
+              "--seed", "3", "--no-plots"]  # fmt: skip
     cli.main([*common, "--output", str(tmp_path / "here")])
-    cli.main([*common, "--output", str(tmp_path / "served"), "--backend", "vllm", "--draft-url", policy_server,
+    cli.main([*common, "--output", str(tmp_path / "served"), "--backend", "vllm", "--draft-url", draft_server,
               "--target-url", policy_server, "--prm-url", f"large={prm_server}"])  # fmt: skip
     here, served = (
         {(r["setting"], r["id"]): r for r in map(json.loads, (tmp_path / d / "records.jsonl").read_text().splitlines())}
         for d in ("here", "served")
     )
-    assert here.keys() == served.keys() and len(here) == 20
+    assert here.keys() == served.keys() and len(here) == 150
+    decisions = [a for r in here.values() if r["method"] == "rsd" for _, a in r["step_rewards"]]
+    assert any(decisions) and not all(decisions), "both branches must run"
     for key, r in here.items():
         s = served[key]
         assert (s["response"], s["new_tokens"], s["correct"]) == (r["response"], r["new_tokens"], r["correct"]), key
