@@ -102,3 +102,18 @@ def test_training_refuses_to_overwrite_and_checks_its_inputs(tmp_path):
     with pytest.raises(SystemExit, match="has no trained draft"):
         main(["--output", str(tmp_path), "--only", "prm-small", "--scale", "0.001", "--device", "cpu"])
     assert list((tmp_path / "draft").iterdir()) == []  # untouched
+
+
+def test_the_specialist_slice_is_what_it_says_and_the_mix_follows_its_share():
+    from rsd_generation.benchmarks.toy.specialist import SLICE_OPERANDS, mixed, slice_problem
+
+    rng = random.Random(0)
+    for _ in range(200):
+        p = slice_problem(rng)
+        assert set(p.ops) <= {"+", "-"} and 4 <= len(p.ops) <= 6
+        assert all(SLICE_OPERANDS[0] <= n <= SLICE_OPERANDS[1] for n in p.numbers)
+        assert step_labels(p, split_steps(p.solution())) == [True] * (len(p.ops) + 1)
+    drawn = [mixed(0.25)(rng) for _ in range(2000)]
+    share = sum(min(p.numbers) >= 100 and "*" not in p.ops and len(p.ops) >= 4 for p in drawn) / len(drawn)
+    assert 0.2 < share < 0.3  # the usual levels almost never look like the slice
+    assert all("*" not in p.ops and min(p.numbers) >= 100 for p in (mixed(1.0)(rng) for _ in range(50)))

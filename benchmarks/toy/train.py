@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,13 +40,24 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from rsd_generation.rewards import ValueHeadPRM, load_reward_model, write_prm_format
 
 from ..io import refuse_overwrite, write_json_atomic
-from .task import CORRUPTIONS, LEVELS, Problem, corrupt_step, is_correct, problems, split_steps, step_labels
+from .task import (
+    CORRUPTIONS,
+    LEVELS,
+    Problem,
+    corrupt_step,
+    generate_problem,
+    is_correct,
+    problems,
+    split_steps,
+    step_labels,
+)
 from .tokenizer import build_toy_tokenizer
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 LARGE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
 MAX_LEN = 192
 PRMS = ("prm-small", "prm-large")
+Maker = Callable[[random.Random], Problem]  # draws a problem
 PARTS = ("draft", "target", *PRMS, "evaluate")
 
 
@@ -85,15 +97,25 @@ def _update(opt, params, loss: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def train_policy(model, tok, steps: int, batch: int, lr: float, seed: int, device) -> list[float]:
-    """Next-token loss on the solution tokens of fresh reference solutions; returns the loss curve."""
+def train_policy(
+    model,
+    tok,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    device,
+    make: Maker | None = None,
+) -> list[float]:
+    """Next-token loss on the solution tokens of fresh reference solutions (of problems drawn by `make`, default any
+    level); returns the loss curve."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
     losses = []
     for step in tqdm(range(steps), desc="policy", mininterval=5):
         _set_lr(opt, lr, step, steps, warmup=100)
-        ids, mask, labels = _lm_batch(tok, rng, batch, device)
+        ids, mask, labels = _lm_batch(tok, rng, batch, device, make)
         with _autocast(device):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         losses.append(_update(opt, model.parameters(), loss))
@@ -106,12 +128,9 @@ def _autocast(device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _sample_fields(rng: random.Random) -> tuple:
-    """A random problem's fields (any level)."""
-    from .task import generate_problem
-
-    p = generate_problem(rng, rng.choice(LEVELS))
-    return p.numbers, p.ops, p.level
+def any_level(rng: random.Random) -> Problem:
+    """A random problem of a random level."""
+    return generate_problem(rng, rng.choice(LEVELS))
 
 
 @torch.no_grad()
@@ -218,10 +237,13 @@ def _prm_batch(examples, pad, device):
     return ids, mask, target
 
 
-def _lm_batch(tok, rng: random.Random, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ids, mask and labels of `n` fresh reference solutions (loss on the solution tokens only)."""
+def _lm_batch(
+    tok, rng: random.Random, n: int, device, make: Maker | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ids, mask and labels of `n` fresh reference solutions of problems drawn by `make` (default: any level); the
+    loss is on the solution tokens only."""
     eos = tok.eos_token_id
-    probs = [Problem(*_sample_fields(rng)) for _ in range(n)]
+    probs = [(make or any_level)(rng) for _ in range(n)]
     prompts = tok([p.prompt for p in probs], add_special_tokens=False)["input_ids"]
     sols = tok([p.solution() for p in probs], add_special_tokens=False)["input_ids"]
     ids, mask = _batch([pr + sol + [eos] for pr, sol in zip(prompts, sols, strict=True)], eos, device)
