@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=["target", "draft", "rsd"])
     g.add_argument("--deltas", type=float, nargs="+", default=[0.7], help="RSD thresholds δ (binary, logistic)")
     g.add_argument("--weightings", nargs="+", choices=WEIGHTINGS, default=["binary"])
+    g.add_argument(
+        "--budgets", type=float, nargs="+", default=[],
+        help="RSD rows with rsd_budget=γ: at most a share γ of the steps to the target, δ chosen online (per generate "
+        "call, i.e. per batch or queue)",
+    )  # fmt: skip
     g.add_argument("--rsd-prms", nargs="+", default=None, help="names of the PRMs RSD runs with (default: all)")
     g.add_argument("--n", type=int, nargs="+", default=[4], help="samples of majority voting, best-of-N, process BoN")
     g.add_argument("--beams", type=int, nargs="+", default=[4], help="beam sizes of beam search")
@@ -170,6 +175,8 @@ def _validate(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"--temperature must be positive and finite, got {args.temperature}")
     if bad := [d for d in args.deltas if not math.isfinite(d)]:
         ap.error(f"--deltas must be finite numbers, got {bad}")
+    if bad := [g for g in args.budgets if not 0.0 <= g <= 1.0]:
+        ap.error(f"--budgets must be shares of steps in [0, 1], got {bad}")
     prms: dict[str, str] = {}
     if args.prm is None:  # not given (argparse's extend would add to a default list instead of replacing it)
         args.prm = list(DEFAULT_PRMS)
@@ -222,6 +229,8 @@ def _validate_backend(ap: argparse.ArgumentParser, args: argparse.Namespace) -> 
         ap.error(f"--backend vllm runs the methods {', '.join(SERVED_METHODS)}; not {', '.join(bad)}")
     if args.do_sample:
         ap.error("--backend vllm decodes greedily; --do-sample is not supported there")
+    if args.budgets:
+        ap.error(f"--backend vllm runs RSD at fixed thresholds; --budgets {args.budgets} is in-process only")
     needs = {"--draft-url": {"draft", "rsd"}, "--target-url": {"target", "rsd"}}
     for flag, methods in needs.items():
         if methods & set(args.methods) and not urls[flag]:
@@ -279,6 +288,7 @@ def build_settings(args: argparse.Namespace) -> list[Setting]:
                             out.append(Setting("rsd", f"{label} prm={prm}", {"prm": prm, "delta": d, "weighting": w}))
                     else:
                         out.append(Setting("rsd", f"{w} prm={prm}", {"prm": prm, "delta": 0.7, "weighting": w}))
+                out += [Setting("rsd", f"budget γ={g} prm={prm}", {"prm": prm, "budget": g}) for g in args.budgets]
         elif m == "rsd_merged":
             for which in ("draft*", "target*"):
                 out.append(Setting("rsd_merged", f"merged {which} δ=0.7", {"merged": which, "delta": 0.7}))
@@ -447,7 +457,7 @@ def _record(example, setting: Setting, res: dict, wall: float) -> dict:
 # batch draws from one seeded stream and padding can change greedy numerics), so it must be as the run began.
 RESUME_MAY_CHANGE = frozenset(
     {"output", "resume", "force", "no_plots", "report_only", "preset"}
-    | {"methods", "deltas", "weightings", "rsd_prms", "n", "beams", "beam_expand"}
+    | {"methods", "deltas", "weightings", "budgets", "rsd_prms", "n", "beams", "beam_expand"}
     | {"draft_url", "target_url", "prm_url", "concurrency"}  # where the servers are, not what they serve
 )
 # compared as resolved, not as spelled (`--dtype auto` and `float32` on a CPU are the same run): resolved key -> option

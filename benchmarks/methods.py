@@ -196,10 +196,14 @@ def run_rsd(models: Models, setting: Setting, batch: Batch) -> list[dict]:
         prm = models.prms[p["prm"]]
     target = rsd.with_rsd(target)
     enc = encode(models.tokenizer, batch.prompts, _device(target))
+    if "budget" in p:  # δ chosen online, at most a share γ of the steps to the target
+        rule = {"rsd_budget": p["budget"]}
+    else:
+        rule = {"rsd_threshold": p["delta"], "rsd_weighting": p.get("weighting", "binary"),
+                "rsd_weighting_kwargs": p.get("weighting_kwargs")}  # fmt: skip
     res = target.generate(
-        **enc, tokenizer=models.tokenizer, assistant_model=draft, reward_model=prm,
-        rsd_threshold=p["delta"], rsd_weighting=p.get("weighting", "binary"),
-        rsd_weighting_kwargs=p.get("weighting_kwargs"), rsd_step_separator=models.separator,
+        **enc, tokenizer=models.tokenizer, assistant_model=draft, reward_model=prm, **rule,
+        rsd_step_separator=models.separator,
         rsd_max_step_tokens=models.max_step_tokens, reward_prompts=batch.problems,
         rsd_generator=torch.Generator(_device(target)).manual_seed(batch.seed), rsd_schedule=models.schedule,
         rsd_max_batch_size=models.slots,

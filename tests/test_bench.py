@@ -142,6 +142,20 @@ def test_rsd_records_do_not_depend_on_the_schedule_or_a_queue(tmp_path, how):
     assert records["plain"] == records["other"] and len(records["plain"]) == 12  # 6 problems, two PRMs
 
 
+def test_budget_rows_keep_the_target_share_of_steps_within_their_budget(tmp_path):
+    out = tmp_path / "budget"
+    cli.main([*QUICK, "--num-problems", "20", "--batch-size", "10", "--methods", "rsd", "--rsd-prms", "small",
+              "--budgets", "0.1", "0.4", "--output", str(out), "--no-plots"])  # fmt: skip
+    records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    for gamma in (0.1, 0.4):
+        for batch in (0, 1):  # the budget holds per generate call: here per batch of 10 problems
+            rows = [r for r in records if r["setting"] == f"rsd|budget γ={gamma} prm=small"]
+            rows = sorted(rows, key=lambda r: int(r["id"].rsplit("-", 1)[1]))[10 * batch : 10 * batch + 10]
+            decisions = [a for r in rows for _, a in r["step_rewards"]]
+            assert len(rows) == 10 and len(decisions) >= 20
+            assert sum(not a for a in decisions) <= gamma * len(decisions)
+
+
 def test_sd_is_batched_and_gives_the_targets_responses(tmp_path):
     out = tmp_path / "sd"
     cli.main([*QUICK, "--num-problems", "6", "--batch-size", "3", "--methods", "target", "sd", "--output", str(out)])
@@ -245,6 +259,22 @@ def test_resume_after_an_interrupted_run_loses_nothing(tmp_path, monkeypatch):
         (["--data-dir", "{tmp}/gone"], "--data-dir {tmp}/gone is not a folder"),
         (["--schedule", "lazy"], "--schedule: rsd_schedule must be one of ('eager', 'throughput') or an int >= 1"),
         (["--schedule", "0"], "got 0"),
+        (["--budgets", "0.2", "1.5"], "--budgets must be shares of steps in [0, 1], got [1.5]"),
+        (
+            [
+                "--backend",
+                "vllm",
+                "--methods",
+                "rsd",
+                "--draft-url",
+                "http://a",
+                "--target-url",
+                "http://b",
+                "--budgets",
+                "0.3",
+            ],
+            "--backend vllm runs RSD at fixed thresholds; --budgets [0.3] is in-process only",
+        ),
     ],
 )
 def test_bad_options_are_refused_naming_the_value(argv, message, tmp_path, capsys):
