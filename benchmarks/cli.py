@@ -34,14 +34,14 @@ import rsd_generation as rsd
 from rsd_generation.paths import looks_local
 from rsd_generation.schedule import Scheduler
 
-from . import datasets
+from . import datasets, toy
 from .io import RecordStore, output_lock, write_json_atomic
 from .methods import METHODS, Batch, Models, Setting, seed_for, split
 from .report import markdown, plot, summarize
 from .served import SERVED_METHODS, load_served_models, run_served
 from .toy.task import SEPARATOR
 
-TOY = Path(__file__).resolve().parent / "toy" / "models"
+TOY = toy.MODELS
 ALL_METHODS = (
     "target",
     "draft",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from pathlib import Path
 
 import torch
 import transformers
@@ -22,9 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import rsd_generation as rsd
 
 from .io import refuse_overwrite, write_json_atomic
-from .toy import task
+from .toy import MODELS, task
 
-TOY = Path(task.__file__).parent / "models"
+TOY = MODELS
 PROG = "python -m rsd_generation.benchmarks.speculative_calls"
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytest.importorskip("math_verify", reason="needs the [bench] extra (math-verify, which rsd-bench grades with)")
 from rsd_generation.benchmarks import cli, methods
 from rsd_generation.benchmarks import io as bench_io
 from rsd_generation.benchmarks.io import RecordStore

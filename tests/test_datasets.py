@@ -10,6 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+pytest.importorskip("math_verify", reason="needs the [bench] extra (math-verify, which rsd-bench grades with)")
 from rsd_generation.benchmarks import datasets
 from rsd_generation.benchmarks.datasets import (
     SYSTEM_PROMPT,

@@ -8,7 +8,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from rsd_generation.benchmarks.cli import TOY
+from conftest import NEEDS_BENCH
+from rsd_generation.benchmarks.toy import MODELS as TOY
 
 import rsd_generation as rsd
 from rsd_generation.serving import request_json
@@ -117,7 +118,6 @@ class _Policy(BaseHTTPRequestHandler):
 @pytest.fixture
 def served(monkeypatch):
     """Two stub servers: the policies (draft and target) and the PRM; fast retries."""
-    from rsd_generation.benchmarks.cli import TOY
     from transformers import AutoTokenizer
 
     from rsd_generation import serving
@@ -137,7 +137,6 @@ def served(monkeypatch):
 
 
 def _bench_args(policy, prm, out) -> list[str]:
-    from rsd_generation.benchmarks.cli import TOY
 
     url = f"http://127.0.0.1:{policy.server_address[1]}"
     return ["--backend", "vllm", "--draft-url", url, "--target-url", url, "--prm", f"large={TOY / 'prm-large'}",
@@ -149,6 +148,7 @@ def _records(out) -> list[dict]:
     return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
 
 
+@NEEDS_BENCH
 def test_rsd_bench_over_servers_writes_the_records_of_each_method(served, tmp_path):
     from rsd_generation.benchmarks import cli
 
@@ -168,6 +168,7 @@ def test_rsd_bench_over_servers_writes_the_records_of_each_method(served, tmp_pa
             assert r["decode_flops"]["target"] > 0 if r["accepted_steps"] < 3 else "target" not in r["decode_flops"]
 
 
+@NEEDS_BENCH
 def test_a_server_failing_mid_run_keeps_the_finished_questions_and_resume_runs_the_rest(served, tmp_path):
     from rsd_generation.benchmarks import cli
 
@@ -190,6 +191,7 @@ def test_a_server_failing_mid_run_keeps_the_finished_questions_and_resume_runs_t
     assert policy.calls == sum(2 * r["draft_steps"] - r["accepted_steps"] for r in resumed)
 
 
+@NEEDS_BENCH
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -212,6 +214,7 @@ def test_rsd_bench_refuses_bad_server_options_naming_them(extra, message, capsys
     assert message in capsys.readouterr().err
 
 
+@NEEDS_BENCH
 def test_server_urls_need_the_vllm_backend(capsys):
     from rsd_generation.benchmarks import cli
 
@@ -220,6 +223,7 @@ def test_server_urls_need_the_vllm_backend(capsys):
     assert "--target-url name servers for --backend vllm; this run's backend is transformers" in capsys.readouterr().err
 
 
+@NEEDS_BENCH
 def test_the_served_speed_script_compares_the_two_loops(served, tmp_path):
     """`benchmarks.served_speed` runs the asynchronous client and the lockstep loop on the same servers: the same
     tokens and decisions, problems/s of each, and each server's counters over each run."""

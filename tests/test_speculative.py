@@ -2,17 +2,16 @@
 in fewer target forwards when draft and target agree."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import PROMPTS, encode, median_reward, rsd_generate
-from rsd_generation.benchmarks.toy import task
+from rsd_generation.benchmarks.toy import MODELS, task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rsd_generation as rsd
 
-TOY = Path(task.__file__).parent / "models"  # the shipped toy models (no benchmark extras needed)
+TOY = MODELS
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["off", "static", pytest.param("graphs", marks=pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU"))]
 MORE = [*PROMPTS, "99-8*7=", "4+4+4+4="]

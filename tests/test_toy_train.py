@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-from rsd_generation.benchmarks.cli import TOY
-from rsd_generation.benchmarks.datasets import load_toy_dataset
+from conftest import NEEDS_BENCH
+from rsd_generation.benchmarks.toy import MODELS as TOY
 from rsd_generation.benchmarks.toy.task import CORRUPTIONS, Problem, corrupt_step, problems, split_steps, step_labels
 from rsd_generation.benchmarks.toy.tokenizer import build_toy_tokenizer
 from rsd_generation.benchmarks.toy.train import (
@@ -44,7 +44,6 @@ def test_prm_training_layout_is_what_the_benchmark_scores():
     fmt = _toy_prm(tok).input_format(tok)
     ids, pos, labels = prm_example(fmt, p, steps, step_labels(p, steps))
     adapter = rsd.load_reward_model(TOY / "prm-small")  # what the benchmark loads
-    assert load_toy_dataset(5, 1)[0].question == problems(5, 1)[0].question  # the benchmark's problem text
     assert p.question == "Compute 37+8*12-5."
     sep = tok.encode("\n\n", add_special_tokens=False)
     assert len(sep) == 1
@@ -56,6 +55,13 @@ def test_prm_training_layout_is_what_the_benchmark_scores():
     assert read_prm_format(TOY / "prm-small") == fmt.input_format
     assert [ids[q] for q in pos] == sep * 4
     assert labels == [1.0, 0.0, 0.0, 0.0]
+
+
+@NEEDS_BENCH
+def test_the_toy_dataset_gives_the_prms_the_problem_text_they_are_trained_on():
+    from rsd_generation.benchmarks.datasets import load_toy_dataset
+
+    assert [e.question for e in load_toy_dataset(5, 3)] == [p.question for p in problems(5, 3)]
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)

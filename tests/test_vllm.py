@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from rsd_generation.benchmarks.cli import TOY
+from conftest import NEEDS_BENCH
+from rsd_generation.benchmarks.toy import MODELS as TOY
 
 import rsd_generation as rsd
 from rsd_generation.serve import stop_server
@@ -167,6 +168,7 @@ def test_rsd_over_servers_takes_the_in_process_decisions(policy_server, prm_serv
 
 
 @NEEDS_VLLM
+@NEEDS_BENCH
 def test_rsd_bench_over_servers_gives_the_in_process_records(draft_server, policy_server, prm_server, tmp_path):
     """`rsd-bench --backend vllm` on 50 toy problems, with the toy draft, target and large PRM each served, gives
     the responses, decisions and rewards of the same run in process, and says where it differs: nowhere."""

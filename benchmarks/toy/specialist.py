@@ -16,7 +16,6 @@ import copy
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
@@ -25,10 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import rsd_generation as rsd
 
 from ..io import refuse_overwrite, write_json_atomic
+from . import MODELS as TOY
 from .task import SEPARATOR, Problem, is_correct, problems
 from .train import any_level, solve, train_policy
 
-TOY = Path(__file__).parent / "models"
 SLICE_OPS = (4, 6)  # operations per problem
 SLICE_OPERANDS = (100, 999)
 
