@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.utils import cached_file
 
-from rsd_generation.paths import check_checkpoint_path, overlaps
+from rsd_generation.paths import check_checkpoint_path, overlaps, replace_dir
 from rsd_generation.rewards import (
     VALUE_HEAD_FILE,
     checkpoint_tensor_files,
@@ -244,7 +244,7 @@ def merge_prm_with_policy(
         fmt = read_prm_format(prm)  # the PRM's input format stays with its head
         if fmt is not None:
             write_prm_format(tmp, fmt["step_token"], fmt["strip_steps"])
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -271,14 +271,3 @@ def _check_output(out: Path, force: bool, inputs: dict[str, dict[str, str]]) -> 
             f"output directory {str(out)!r} is not an earlier rsd-merge output (it has no {VALUE_HEAD_FILE}); "
             "--force only replaces a merge, never other data: choose another path"
         )
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished `src` to `dst`; an existing `dst` (force) is removed only once `src` is in place."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -36,3 +37,15 @@ def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether `a` and `b` are the same directory or one contains the other (symlinks resolved)."""
     a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
     return a == b or a in b.parents or b in a.parents
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder `src` to `dst`; an existing `dst` is removed only once `src` is in place (a crash
+    leaves the old folder or the new one, never half of one)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old)

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from rsd_generation.paths import replace_dir
 from rsd_generation.rewards import ValueHeadPRM, load_reward_model, write_prm_format
 
 from ..io import refuse_overwrite, write_json_atomic
@@ -351,16 +351,10 @@ def accuracy(probs: list[Problem], texts: list[str]) -> dict:
 
 
 def _save_dir(out: Path, name: str, save) -> None:
-    """Write a checkpoint with `save(tmp)` into a fresh folder beside `out/name`, then swap it in (a crash leaves
-    the old one or the new one, never half of one)."""
+    """Write a checkpoint with `save(tmp)` into a fresh folder beside `out/name`, then swap it in whole."""
     tmp = out / f".{name}.tmp-{os.getpid()}"
     save(tmp)
-    final, old = out / name, out / f".{name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, out / name)
 
 
 def _load_policy(out: Path, name: str) -> Qwen2ForCausalLM:
@@ -417,11 +411,12 @@ def _evaluate(out: Path, tok, seed: int, dev, gen_batch: int) -> dict:
     from rsd_generation.merging import merge_prm_with_policy
 
     held_out = problems(10**6 + seed, 500)
-    draft = _load_policy(out, "draft")
+    policies = {name: _load_policy(out, name) for name in ("draft", "target")}
+    draft = policies["draft"]
     samples = prm_data(PRMHead(draft).input_format(tok), held_out, solve(draft, tok, held_out, dev, True, gen_batch))
     metrics: dict = {}
-    for name in ("draft", "target"):
-        metrics[name] = accuracy(held_out, solve(_load_policy(out, name), tok, held_out, dev, batch=gen_batch))
+    for name, policy in policies.items():
+        metrics[name] = accuracy(held_out, solve(policy, tok, held_out, dev, batch=gen_batch))
         print(name, metrics[name], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for prm_name, policy in (("prm-small", "draft"), ("prm-large", "target")):
@@ -440,7 +435,7 @@ def _evaluate(out: Path, tok, seed: int, dev, gen_batch: int) -> dict:
                     m["policy"] = accuracy(held_out, solve(model, tok, held_out, dev, batch=gen_batch))
                 metrics[label] = m
                 print(label, m, flush=True)
-    metrics["parameters"] = {k: _load_policy(out, k).num_parameters() for k in ("draft", "target")}
+    metrics["parameters"] = {k: p.num_parameters() for k, p in policies.items()}
     metrics["checkpoint_bytes"] = {
         k: sum(f.stat().st_size for f in (out / k).rglob("*.safetensors")) for k in ("draft", "target", *PRMS)
     }
