@@ -425,9 +425,12 @@ def _evaluate(out: Path, tok, seed: int, dev, gen_batch: int) -> dict:
             for label, path in ((prm_name, out / prm_name), (f"{policy}*", merged)):
                 prm = load_reward_model(path, dtype=torch.float32, device_map=str(dev))
                 pairs = pair_examples(prm, held_out, random.Random(seed + 11))
+                scores = prm_scores(prm, pairs, tok.eos_token_id, dev)[0].view(-1, 2)  # a row per problem
+                levels = torch.tensor([p.level for p in held_out])
                 m = {
                     "auc": roc_auc(*prm_scores(prm, samples, tok.eos_token_id, dev)),
-                    "pair_accuracy": pair_accuracy(prm_scores(prm, pairs, tok.eos_token_id, dev)[0]),
+                    "pair_accuracy": pair_accuracy(scores.flatten()),
+                    "pair_accuracy_per_level": {lv: pair_accuracy(scores[levels == lv].flatten()) for lv in LEVELS},
                     "eval_steps": sum(len(e[2]) for e in samples), "pairs": len(pairs) // 2,
                 }  # fmt: skip
                 if label.endswith("*"):
