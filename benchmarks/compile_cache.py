@@ -2,7 +2,8 @@
 
 `rsd_fast_path="compile"` is the fastest path measured, but compiling the one-token forwards of a 1.5B draft and a
 7B target took 33 s and 55 s on an H200 at each batch size. torch keeps compiled code on disk (inductor's FX graph
-and AOTAutograd caches, under `TORCHINDUCTOR_CACHE_DIR`), so a later process re-traces but need not re-compile.
+and AOTAutograd caches, under `TORCHINDUCTOR_CACHE_DIR`; Triton's kernels, the fast path's own included, under
+`TRITON_CACHE_DIR`), so a later process re-traces but need not re-compile.
 This runs `benchmarks.speed` (component times only) in `--runs` fresh processes that share one cache folder (empty
 at the start) and reports each process's first-use seconds (capture and compilation of the draft and the target),
 its capture seconds per model, and the process's wall time.
@@ -33,7 +34,7 @@ def run_once(args, cache_dir: str, out: Path) -> dict:
            "--modes", args.mode, "--no-rsd", "--no-sd", "--no-generate", "--no-static", "--no-assisted",
            "--repeats", "1", "--baseline-repeats", "1", "--new-tokens", str(args.new_tokens),
            "--output", str(out), "--force", *(["--tiny"] if args.tiny else [])]  # fmt: skip
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TRITON_CACHE_DIR": str(Path(cache_dir) / "triton")}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--runs", type=int, default=2, help="fresh processes sharing one compile cache (empty at first)")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--mode", default="compile", help="the rsd_fast_path measured (static: to check the script)")
+    ap.add_argument(
+        "--mode", default="compile", help="the rsd_fast_path measured (graphs: the Triton kernels' first use)"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for checking the script itself on the CPU")
     ap.add_argument("--output", default="benchmarks/results/compile-cache.json")
     ap.add_argument("--force", action="store_true", help="replace an existing output")

@@ -3,7 +3,7 @@
 Random bf16 weights of Qwen2.5-Math-1.5B's shapes, batch 1, 128-token prompt, 64 one-token forwards each.
 
     python -m rsd_generation.benchmarks.profile_step [--tokens 64] [--shapes 1.5b|7b] [--mode off|static|graphs|compile]
-        [--output FILE]
+        [--no-generate] [--output FILE]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--shapes", choices=["1.5b", "7b"], default="1.5b")
     ap.add_argument("--mode", choices=MODES[1:], default="off", help="decoding path (rsd_fast_path value)")
+    ap.add_argument("--no-generate", action="store_true", help="profile the RSD decode path only")
     ap.add_argument("--output", default=None)
     args = ap.parse_args(argv)
     shapes = QWEN_1_5B if args.shapes == "1.5b" else QWEN_7B
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result: dict = {"device": torch.cuda.get_device_name(), "shapes": args.shapes, "tokens": n, "mode": args.mode}
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    for name, fn in (("rsd_decode_path", ours), ("generate_eager", hf)):
+    for name, fn in (("rsd_decode_path", ours), ("generate_eager", hf))[: 1 if args.no_generate else 2]:
         fn()  # warm-up
         t = time.perf_counter()
         fn()
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result[f'{name}_cuda_kernel_ms_per_token']:.2f} ms/token in kernels, "
               f"{result[f'{name}_aten_ops_per_token']:.0f} aten ops/token", flush=True)  # fmt: skip
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
     result["command"] = " ".join(
         ["python -m rsd_generation.benchmarks.profile_step", *(sys.argv[1:] if argv is None else argv)]
     )

@@ -45,7 +45,7 @@ from transformers import (
 )
 
 import rsd_generation as rsd
-from rsd_generation import fast
+from rsd_generation import fast, kernels
 from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step, step_separator
 from rsd_generation.fast import row_cache
 
@@ -419,6 +419,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--no-fuse", action="store_true", help="the fast path runs the models' own forwards (no fused projections)"
     )
+    ap.add_argument(
+        "--no-kernels", action="store_true", help="the fast path keeps eager elementwise operations (no Triton kernels)"
+    )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
     ap.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per target forward in SD")
@@ -469,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = parser()
     args = ap.parse_args(argv)
     fast.FUSE = not args.no_fuse
+    kernels.ENABLED = not args.no_kernels
     args.argv = sys.argv[1:] if argv is None else argv
     if args.queue_prompts is not None and args.queue_prompts < 1:
         ap.error(f"--queue-prompts must be >= 1, got {args.queue_prompts}")
@@ -507,6 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers' generate baselines)",
         "compile_options": dict(fast.COMPILE_OPTIONS),
         "fused_projections": fast.FUSE,
+        "triton_kernels": kernels.ENABLED and kernels.AVAILABLE,
         "rows": rows,
         "complete": False,
         "command": result_command(args),

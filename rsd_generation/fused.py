@@ -10,8 +10,9 @@ parameters that share a buffer none of them covers: `unfuse(model)` gives them t
 `fused_layout` lays a model out (once; again if its parameters were replaced, e.g. by `.to()`), or says why it
 cannot; `fused_forward` runs the decoder over a static cache with the model's own weights, rotary embedding,
 activation and output projections, the same math as the model's forward with an explicit 4-D mask and positions,
-in fewer kernels where nothing compiles them: RMS norms through `F.rms_norm` and the rotary embedding applied to
-the queries and keys at once, in place in the fused projection's output.
+in fewer kernels where nothing compiles them: each residual add goes with the norm after it, the rotary embedding
+rotates the queries and keys at once in place in the fused projection's output, and on CUDA those and the SiLU
+product run as one Triton kernel each (`kernels`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
+
+from . import kernels
 
 RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * (x * rsqrt(mean(x²) + eps)), in float32
 
@@ -180,27 +183,54 @@ def fused_forward(
     """
     x = backbone.embed_tokens(input_ids)  # x: [N, W, H]
     cos, sin = backbone.rotary_emb(x, position_ids)  # cos: [N, W, D]
-    cos, sin = cos[:, :, None], sin[:, :, None]  # over heads: [N, W, 1, D]
     N, W = input_ids.shape
+    fast = kernels.usable(x)  # Triton kernels for the elementwise work (else eager operations)
     masks: dict[int, torch.Tensor] = {}  # per query-group size G: the mask of G grouped queries
+    delta = None  # what the last sublayer adds to the residual stream x, added by the next norm
     for i, (layer, f) in enumerate(zip(backbone.layers, layers, strict=True)):
         attn = layer.self_attn
         D, (Q, K, _) = attn.head_dim, f.sizes
-        qkv = F.linear(rms_norm(layer.input_layernorm, x), f.qkv, f.qkv_bias)  # qkv: [N, W, Q + K + V]
+        h, x = add_norm(layer.input_layernorm, x, delta, fast)
+        qkv = F.linear(h, f.qkv, f.qkv_bias)  # qkv: [N, W, Q + K + V]
         if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
             q = rms_norm(attn.q_norm, qkv[..., :Q].view(N, W, -1, D))  # q: [N, W, Hq, D]
             k = rms_norm(attn.k_norm, qkv[..., Q : Q + K].view(N, W, -1, D))
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        else:  # queries and keys rotated together
-            qk = qkv[..., : Q + K].unflatten(-1, (-1, D))  # qk: [N, W, Hq + Hkv, D]
-            q, k = (qk * cos + rotate_half(qk) * sin).split((Q // D, K // D), 2)
+            q, k = rotate(q, cos, sin, False), rotate(k, cos, sin, False)
+        else:  # queries and keys rotated together (in place)
+            qk = rotate(qkv[..., : Q + K].unflatten(-1, (-1, D)), cos, sin, fast)  # qk: [N, W, Hq + Hkv, D]
+            q, k = qk.split((Q // D, K // D), 2)
         v = qkv[..., Q + K :].unflatten(-1, (-1, D))  # v: [N, W, Hkv, D]
         keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
         o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(N, W, -1))
-        gate, up = F.linear(rms_norm(layer.post_attention_layernorm, x), f.gate_up, f.gate_up_bias).chunk(2, -1)
-        x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-    return rms_norm(backbone.norm, x)
+        h, x = add_norm(layer.post_attention_layernorm, x, attn.o_proj(o.transpose(1, 2).reshape(N, W, -1)), fast)
+        gate_up = F.linear(h, f.gate_up, f.gate_up_bias)  # gate_up: [N, W, 2 I]
+        delta = layer.mlp.down_proj(activate(layer.mlp.act_fn, gate_up, fast))
+    return add_norm(backbone.norm, x, delta, fast)[0]
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, ...]:
+    """`(norm(x + delta), x + delta)` (`delta` None: nothing added), in one kernel when `fast` allows it."""
+    if fast and type(norm).__name__ in RMS_NORMS and norm.weight.dtype == x.dtype:
+        return kernels.add_rms_norm(x, norm.weight, norm.variance_epsilon, delta)
+    x = x if delta is None else x + delta
+    return rms_norm(norm, x), x
+
+
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool) -> torch.Tensor:
+    """The rotary embedding of heads `qk` `(N, W, Hqk, D)` at `cos`, `sin` `(N, W, D)`: in place by a kernel when
+    `fast`, else a new tensor."""
+    if fast and cos.dtype == qk.dtype:
+        return kernels.rotary_(qk, cos, sin)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # over heads: [N, W, 1, D]
+    return qk * cos + rotate_half(qk) * sin
+
+
+def activate(act_fn: nn.Module, gate_up: torch.Tensor, fast: bool) -> torch.Tensor:
+    """`act_fn(gate) * up` from the fused `gate_up` `(..., 2 I)`; SiLU in one kernel when `fast`."""
+    if fast and type(act_fn).__name__ in ("SiLUActivation", "SiLU"):
+        return kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    return act_fn(gate) * up
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,148 @@
+"""The Triton kernels of the fast path (`rsd_generation.kernels`) against the eager operations they replace: the
+same values (the RMS norm's sum aside, bit for bit), and a fused forward through them gives the eager one's outputs.
+
+On CPU the kernels run under Triton's interpreter, which is chosen when the kernels are defined, so each check runs
+in a child process started with `TRITON_INTERPRET=1` (this file is its script). On a GPU they run natively."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the kernels need Triton (installed with CUDA builds of torch, and by [dev])")
+
+CHECKS = ("norm", "rotary", "silu", "forward")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _assert_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int, what) -> None:
+    """`got` within `ulps` units of rounding (at `want`'s magnitude) of `want`.
+
+    Two cases are measured in units at the largest value instead, with three more: bfloat16 under the interpreter,
+    which rounds float32 to bfloat16 toward zero at each cast where GPUs (and torch) round to nearest; and float32
+    on a GPU, whose compiler contracts a product and a sum into one rounding and takes a fast exponential. A sum
+    that cancels keeps its terms' rounding there. A wrong kernel is off by the values' own scale."""
+    loose = (got.device.type == "cpu") == (got.dtype == torch.bfloat16)
+    info = torch.finfo(want.dtype)
+    w = want.double()
+    least = float(w.abs().max()) if loose else info.tiny
+    unit = info.eps * torch.exp2(torch.floor(torch.log2(w.abs().clamp_min(least))))  # unit: spacing at |want|
+    apart = float(((got.double() - w).abs() / unit).max())
+    assert apart <= ulps + 3 * loose, (what, got.dtype, apart)
+
+
+def check_norm(device: str) -> None:
+    """`add_rms_norm` gives the residual sum exactly and the model's RMS norm of it within one unit of rounding
+    (the sum of squares runs in another order), with and without a delta, rows of several widths."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from rsd_generation import kernels
+
+    for dtype in DTYPES:
+        for H in (32, 96, 1536):
+            torch.manual_seed(H)
+            norm = Qwen2RMSNorm(H, eps=1e-6).to(device, dtype)
+            norm.weight.data.normal_(1, 0.3)
+            x = torch.randn(3, 5, H, device=device).to(dtype)
+            delta = torch.randn(3, 5, H, device=device).to(dtype)
+            for d in (None, delta):
+                s = x if d is None else x + d
+                out, got_s = kernels.add_rms_norm(x, norm.weight, norm.variance_epsilon, d)
+                _assert_ulps(got_s, s, 0, H)
+                _assert_ulps(out, norm(s), 1 if dtype == torch.bfloat16 else 8, H)  # float32: sum order, rsqrt
+
+
+def check_rotary(device: str) -> None:
+    """`rotary_` rotates heads in place as `q * cos + rotate_half(q) * sin` does, bit for bit, inside a strided view."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from rsd_generation import kernels
+
+    for dtype in DTYPES:
+        torch.manual_seed(0)
+        N, W, Hq, Hkv, D = 2, 3, 4, 2, 16
+        qkv = torch.randn(N, W, (Hq + 2 * Hkv) * D, device=device).to(dtype)  # q, k, v heads side by side
+        angle = torch.randn(N, W, D // 2, device=device) * 3
+        cos, sin = torch.cat([angle.cos()] * 2, -1).to(dtype), torch.cat([angle.sin()] * 2, -1).to(dtype)
+        qk = qkv[..., : (Hq + Hkv) * D].unflatten(-1, (-1, D))  # qk: [N, W, Hq + Hkv, D], a view
+        want = qk * cos[:, :, None] + rotate_half(qk) * sin[:, :, None]
+        v_before = qkv[..., (Hq + Hkv) * D :].clone()
+        got = kernels.rotary_(qk, cos, sin)
+        assert got.data_ptr() == qkv.data_ptr()  # in place
+        _assert_ulps(got, want, 0, "rotary")
+        assert torch.equal(qkv[..., (Hq + Hkv) * D :], v_before)  # the values are left alone
+
+
+def check_silu(device: str) -> None:
+    """`silu_mul` gives `silu(gate) * up` within one unit of rounding (the exponential's own)."""
+    from rsd_generation import kernels
+
+    for dtype in DTYPES:
+        torch.manual_seed(1)
+        for width in (64, 1500, 2048):
+            gate_up = (torch.randn(2, 3, 2 * width, device=device) * 4).to(dtype)
+            gate, up = gate_up.chunk(2, -1)
+            _assert_ulps(kernels.silu_mul(gate_up), F.silu(gate) * up, 1 if dtype == torch.bfloat16 else 4, width)
+
+
+def check_forward(device: str) -> None:
+    """A fused static-cache forward with the kernels gives the eager one's outputs (prompts of several lengths, a
+    dropped step, one-token steps), for Qwen2 (q/k/v biases), Llama (gate/up biases) and Qwen3 (q/k norms)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rsd_generation import fast, kernels
+    from rsd_generation.kv import pad_right
+    from rsd_generation.testing import make_lm
+
+    def qwen3():
+        torch.manual_seed(4)
+        cfg = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+        return Qwen3ForCausalLM(cfg).eval()
+
+    models = {"qwen2": lambda: make_lm("qwen2", 96, seed=1), "llama": lambda: make_lm("llama", 96, seed=2,
+              mlp_bias=True), "qwen3": qwen3}  # fmt: skip
+    for name, build in models.items():
+        for dtype in DTYPES:
+            model = build().to(device, dtype)
+            outs = []
+            for enabled in (False, True):
+                kernels.ENABLED = enabled
+                cache = fast.row_cache(model, f"kernels-{enabled}", 3, 0, "static", 64)
+                cache.feed(*pad_right([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 0))
+                cache.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool))
+                cache.drop_from(torch.tensor([True, False, True]), torch.full((3,), cache.length - 2))
+                steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
+                         for t in range(3)]  # fmt: skip
+                outs.append(torch.stack(steps))
+            kernels.ENABLED = True
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype}")
+            assert kernels.usable(outs[0]) or device == "cpu"
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_kernels_in_the_interpreter(check):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, __file__, check, "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.strip().endswith(f"{check} ok")  # the check ran to its end, with the interpreter on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("check", CHECKS)
+def test_kernels_on_the_gpu(check):
+    globals()[f"check_{check}"]("cuda")
+
+
+if __name__ == "__main__":  # a child process of test_kernels_in_the_interpreter
+    from rsd_generation import kernels
+
+    assert kernels.INTERPRET and kernels.usable(torch.zeros(1)), "started without TRITON_INTERPRET=1"
+    globals()[f"check_{sys.argv[1]}"](sys.argv[2])
+    print(sys.argv[1], "ok")
