@@ -72,6 +72,7 @@ class StaticKV:
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.cols: torch.Tensor | None = None  # cols: [L], the columns the running forward writes
         self.rows: torch.Tensor | None = None  # rows: [N], the buffer rows of a gathered forward (None: all B)
+        self._all_rows: torch.Tensor | None = None  # arange(B) on the buffers' device
 
     @property
     def capacity(self) -> int:
@@ -91,6 +92,24 @@ class StaticKV:
         rows = self.rows.to(k.device)
         k[rows[:, None], :, cols[None, :]] = key_states.transpose(1, 2)  # the indexed view: [N, L, H, D]
         v[rows[:, None], :, cols[None, :]] = value_states.transpose(1, 2)
+        return k[rows], v[rows]
+
+    def destination(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the running forward writes layer `layer_idx`'s keys and values: the whole buffers `(B + 1, H, C, D)`,
+        the buffer row of each of its rows `(N,)` and the columns `(L,)` (for a kernel that writes them itself;
+        `read` then gives them back)."""
+        k = self.keys[layer_idx]
+        rows = self._all_rows if self.rows is None else self.rows
+        if rows is None or rows.device != k.device:
+            rows = self._all_rows = torch.arange(self.batch_size, device=k.device)
+        return k, self.values[layer_idx], rows, self.cols.to(k.device)
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running forward's rows of layer `layer_idx`'s buffers `(N, H, C, D)`, as `update` returns them."""
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.rows is None:
+            return k[: self.batch_size], v[: self.batch_size]
+        rows = self.rows.to(k.device)
         return k[rows], v[rows]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

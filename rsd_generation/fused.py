@@ -179,7 +179,8 @@ def fused_forward(
         attention_mask (`torch.Tensor` of shape `(N, 1, W, C)`): additive, over the cache's C columns.
         position_ids (`torch.LongTensor` of shape `(N, W)`): each token's position.
         cache: a static cache with `update(keys, values, layer_idx)` returning the layer's keys and values
-            `(N, H_kv, C, D)`.
+            `(N, H_kv, C, D)`; with `destination(layer_idx)` and `read(layer_idx)` (`fast.StaticKV`), the
+            kernels write the keys and values themselves.
     """
     x = backbone.embed_tokens(input_ids)  # x: [N, W, H]
     cos, sin = backbone.rotary_emb(x, position_ids)  # cos: [N, W, D]
@@ -192,15 +193,20 @@ def fused_forward(
         D, (Q, K, _) = attn.head_dim, f.sizes
         h, x = add_norm(layer.input_layernorm, x, delta, fast)
         qkv = F.linear(h, f.qkv, f.qkv_bias)  # qkv: [N, W, Q + K + V]
-        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
-            q = rms_norm(attn.q_norm, qkv[..., :Q].view(N, W, -1, D))  # q: [N, W, Hq, D]
-            k = rms_norm(attn.k_norm, qkv[..., Q : Q + K].view(N, W, -1, D))
-            q, k = rotate(q, cos, sin, False), rotate(k, cos, sin, False)
-        else:  # queries and keys rotated together (in place)
-            qk = rotate(qkv[..., : Q + K].unflatten(-1, (-1, D)), cos, sin, fast)  # qk: [N, W, Hq + Hkv, D]
-            q, k = qk.split((Q // D, K // D), 2)
-        v = qkv[..., Q + K :].unflatten(-1, (-1, D))  # v: [N, W, Hkv, D]
-        keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
+        if fast and not hasattr(attn, "q_norm") and hasattr(cache, "destination") and cos.dtype == qkv.dtype:
+            # one kernel rotates the queries in place and writes the rotated keys and the values to the cache
+            q = kernels.rotary_into_cache_(qkv.unflatten(-1, (-1, D)), cos, sin, Q // D, *cache.destination(i))
+            keys, values = cache.read(i)  # keys: [N, Hkv, C, D]
+        else:
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
+                q = rms_norm(attn.q_norm, qkv[..., :Q].view(N, W, -1, D))  # q: [N, W, Hq, D]
+                k = rms_norm(attn.k_norm, qkv[..., Q : Q + K].view(N, W, -1, D))
+                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            else:  # queries and keys rotated together
+                qk = rotate(qkv[..., : Q + K].unflatten(-1, (-1, D)), cos, sin)  # qk: [N, W, Hq + Hkv, D]
+                q, k = qk.split((Q // D, K // D), 2)
+            v = qkv[..., Q + K :].unflatten(-1, (-1, D))  # v: [N, W, Hkv, D]
+            keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
         o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
         h, x = add_norm(layer.post_attention_layernorm, x, attn.o_proj(o.transpose(1, 2).reshape(N, W, -1)), fast)
         gate_up = F.linear(h, f.gate_up, f.gate_up_bias)  # gate_up: [N, W, 2 I]
@@ -216,11 +222,8 @@ def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, fast:
     return rms_norm(norm, x), x
 
 
-def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool) -> torch.Tensor:
-    """The rotary embedding of heads `qk` `(N, W, Hqk, D)` at `cos`, `sin` `(N, W, D)`: in place by a kernel when
-    `fast`, else a new tensor."""
-    if fast and cos.dtype == qk.dtype:
-        return kernels.rotary_(qk, cos, sin)
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of heads `qk` `(N, W, Hqk, D)` at `cos`, `sin` `(N, W, D)`."""
     cos, sin = cos[:, :, None], sin[:, :, None]  # over heads: [N, W, 1, D]
     return qk * cos + rotate_half(qk) * sin
 

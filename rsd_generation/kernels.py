@@ -6,7 +6,9 @@ and on an H200 each costs a few microseconds however little it reads: the draft'
 weights take to read. These kernels do per token, in one launch each, what those chains do:
 
 - `add_rms_norm`: the residual add and the RMS norm after it (the sum is also returned, as the next residual);
-- `rotary_`: the rotary embedding of the queries and keys, in place in the fused projection's output;
+- `rotary_into_cache_`: the rotary embedding of the queries, in place in the fused projection's output, while the
+  rotated keys and the values go straight to their columns of a static KV cache (eager: a rotation of several
+  kernels, then two index copies);
 - `silu_mul`: `silu(gate) * up` from the fused gate/up projection's output.
 
 Each rounds where the model's own modules round (to the model's dtype after every operation they run in it), so
@@ -62,23 +64,31 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out.view(x.shape), s.view(x.shape)
 
 
-def rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `qk` in place: `qk * cos + rotate_half(qk) * sin`, each product and the sum rounded to qk's dtype.
+def rotary_into_cache_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, keys: torch.Tensor,
+                       values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Rotate the query heads of `qkv` in place, and write its rotated key heads and its value heads to the cache:
+    token `(n, w)` to row `rows[n]`, column `cols[w]` of `keys` and `values`.
 
     Args:
-        qk (`torch.Tensor` of shape `(N, W, Hqk, D)`): the query and key heads (last dimension contiguous; a view
-            into the fused projection's output).
-        cos, sin (`torch.Tensor` of shape `(N, W, D)`): the rotary embedding at each token's position.
+        qkv (`torch.Tensor` of shape `(N, W, Hq + 2 Hkv, D)`): the fused projection's output, heads split.
+        cos, sin (`torch.Tensor` of shape `(N, W, D)`).
+        keys, values (`torch.Tensor` of shape `(B, Hkv, C, D)`): the layer's cache buffers (last dimension
+            contiguous).
+        rows (`torch.LongTensor` of shape `(N,)`), cols (`torch.LongTensor` of shape `(W,)`): where each token goes.
+    Returns:
+        `qkv`'s query heads `(N, W, Hq, D)`.
     """
-    N, W, Hqk, D = qk.shape
-    rows = qk.view(N * W, Hqk, D)  # rows: [T, Hqk, D], a view (an error, not a silent copy, if it cannot be one)
-    assert rows.stride(2) == 1, "the head dimension must be contiguous"
+    N, W, H, D = qkv.shape
+    heads = qkv.view(N * W, H, D)  # heads: [T, H, D], a view
+    assert heads.stride(2) == 1 and keys.stride(3) == 1 and values.stride() == keys.stride()
     cos, sin = cos.reshape(N * W, D).contiguous(), sin.reshape(N * W, D).contiguous()  # cos: [T, D]
     if N * W:
-        _rotary[(N * W, Hqk)](
-            rows, cos, sin, rows.stride(0), rows.stride(1), D, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2)
-        )
-    return qk
+        _rotary_into_cache[(N * W, H)](
+            heads, cos, sin, keys, values, rows, cols, heads.stride(0), heads.stride(1), D, W, q_heads,
+            (H - q_heads) // 2, keys.stride(0), keys.stride(1), keys.stride(2), HALF=D // 2,
+            BLOCK=triton.next_power_of_2(D // 2),
+        )  # fmt: skip
+    return qkv[:, :, :q_heads]
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -112,25 +122,6 @@ if triton is not None:
         tl.store(OUT + row * H + cols, (w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rotary(QK, COS, SIN, stride_tok, stride_head, stride_cos, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        """One (token, head) per program: [x1, x2] -> [x1 cos1 - x2 sin1, x2 cos2 + x1 sin2], rounded as eager."""
-        tok, head = tl.program_id(0), tl.program_id(1)
-        i = tl.arange(0, BLOCK)
-        m = i < HALF
-        base = QK + tok * stride_tok + head * stride_head
-        dt = QK.dtype.element_ty
-        x1 = tl.load(base + i, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(base + HALF + i, mask=m, other=0.0).to(tl.float32)
-        c1 = tl.load(COS + tok * stride_cos + i, mask=m, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + tok * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + tok * stride_cos + i, mask=m, other=0.0).to(tl.float32)
-        s2 = tl.load(SIN + tok * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
-        o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-        o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        tl.store(base + i, o1.to(dt), mask=m)
-        tl.store(base + HALF + i, o2.to(dt), mask=m)
-
-    @triton.jit
     def _silu_mul(GU, OUT, width, stride_gu, BLOCK: tl.constexpr):
         """One token and BLOCK columns per program: OUT = silu(gate) * up, rounded after each as eager."""
         row, blk = tl.program_id(0), tl.program_id(1)
@@ -141,3 +132,37 @@ if triton is not None:
         u = tl.load(GU + row * stride_gu + width + cols, mask=m, other=0.0).to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         tl.store(OUT + row * width + cols, (s * u).to(dt), mask=m)
+
+    @triton.jit
+    def _rotary_into_cache(QKV, COS, SIN, K, V, ROWS, COLS, stride_tok, stride_head, stride_cos, W, HQ, HKV,
+                           stride_row, stride_kvhead, stride_col, HALF: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        """One (token, head) per program: a query head rotated in place, a key head rotated into K, a value head
+        copied into V, at the token's cache row and column."""
+        tok, head = tl.program_id(0), tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        m = i < HALF
+        src = QKV + tok * stride_tok + head * stride_head
+        dt = QKV.dtype.element_ty
+        x1 = tl.load(src + i, mask=m, other=0.0)
+        x2 = tl.load(src + HALF + i, mask=m, other=0.0)
+        row = tl.load(ROWS + tok // W)
+        col = tl.load(COLS + tok % W)
+        if head < HQ + HKV:
+            x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+            c1 = tl.load(COS + tok * stride_cos + i, mask=m, other=0.0).to(tl.float32)
+            c2 = tl.load(COS + tok * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
+            s1 = tl.load(SIN + tok * stride_cos + i, mask=m, other=0.0).to(tl.float32)
+            s2 = tl.load(SIN + tok * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
+            o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+            o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+            if head < HQ:
+                tl.store(src + i, o1, mask=m)
+                tl.store(src + HALF + i, o2, mask=m)
+            else:
+                dst = K + row * stride_row + (head - HQ) * stride_kvhead + col * stride_col
+                tl.store(dst + i, o1, mask=m)
+                tl.store(dst + HALF + i, o2, mask=m)
+        else:
+            dst = V + row * stride_row + (head - HQ - HKV) * stride_kvhead + col * stride_col
+            tl.store(dst + i, x1, mask=m)
+            tl.store(dst + HALF + i, x2, mask=m)

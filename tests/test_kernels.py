@@ -58,24 +58,30 @@ def check_norm(device: str) -> None:
 
 
 def check_rotary(device: str) -> None:
-    """`rotary_` rotates heads in place as `q * cos + rotate_half(q) * sin` does, bit for bit, inside a strided view."""
+    """`rotary_into_cache_` rotates the query heads in place as `q * cos + rotate_half(q) * sin` does, bit for bit,
+    and writes the rotated keys and the values to their cache rows and columns, leaving every other entry alone."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     from rsd_generation import kernels
 
     for dtype in DTYPES:
         torch.manual_seed(0)
-        N, W, Hq, Hkv, D = 2, 3, 4, 2, 16
-        qkv = torch.randn(N, W, (Hq + 2 * Hkv) * D, device=device).to(dtype)  # q, k, v heads side by side
+        N, W, Hq, Hkv, D, B, C = 2, 3, 4, 2, 16, 4, 8
+        qkv = torch.randn(N, W, Hq + 2 * Hkv, D, device=device).to(dtype)  # q, k, v heads side by side
         angle = torch.randn(N, W, D // 2, device=device) * 3
         cos, sin = torch.cat([angle.cos()] * 2, -1).to(dtype), torch.cat([angle.sin()] * 2, -1).to(dtype)
-        qk = qkv[..., : (Hq + Hkv) * D].unflatten(-1, (-1, D))  # qk: [N, W, Hq + Hkv, D], a view
-        want = qk * cos[:, :, None] + rotate_half(qk) * sin[:, :, None]
-        v_before = qkv[..., (Hq + Hkv) * D :].clone()
-        got = kernels.rotary_(qk, cos, sin)
-        assert got.data_ptr() == qkv.data_ptr()  # in place
-        _assert_ulps(got, want, 0, "rotary")
-        assert torch.equal(qkv[..., (Hq + Hkv) * D :], v_before)  # the values are left alone
+        rotated = qkv * cos[:, :, None] + rotate_half(qkv) * sin[:, :, None]  # rotated: [N, W, H, D]
+        keys = torch.randn(B, Hkv, C, D, device=device).to(dtype)
+        values = torch.randn(B, Hkv, C, D, device=device).to(dtype)
+        rows, cols = torch.tensor([3, 0], device=device), torch.tensor([5, 6, 7], device=device)
+        want_k, want_v = keys.clone(), values.clone()
+        want_k[rows[:, None], :, cols[None, :]] = rotated[:, :, Hq : Hq + Hkv]  # indexed: [N, W, Hkv, D]
+        want_v[rows[:, None], :, cols[None, :]] = qkv[:, :, Hq + Hkv :]
+        q = kernels.rotary_into_cache_(qkv, cos, sin, Hq, keys, values, rows, cols)
+        assert q.data_ptr() == qkv.data_ptr() and q.shape == (N, W, Hq, D)  # in place
+        _assert_ulps(q, rotated[:, :, :Hq], 0, "queries")
+        _assert_ulps(keys, want_k, 0, "keys")
+        assert torch.equal(values, want_v), dtype
 
 
 def check_silu(device: str) -> None:
@@ -117,6 +123,9 @@ def check_forward(device: str) -> None:
                 cache.feed(*pad_right([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 0))
                 cache.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool))
                 cache.drop_from(torch.tensor([True, False, True]), torch.full((3,), cache.length - 2))
+                one = torch.tensor([[False], [True], [False]])  # one row of three: a gathered forward
+                cache.feed(torch.tensor([[60], [61], [62]]), one, rows=torch.tensor([1]))
+                assert any(shape[0] == 1 for shape in cache.shapes)  # it ran over the gathered row alone
                 steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
