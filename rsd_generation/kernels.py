@@ -148,13 +148,13 @@ if triton is not None:
         row = tl.load(ROWS + tok // W)
         col = tl.load(COLS + tok % W)
         if head < HQ + HKV:
-            x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)  # new names: a block may not retype a variable
             c1 = tl.load(COS + tok * stride_cos + i, mask=m, other=0.0).to(tl.float32)
             c2 = tl.load(COS + tok * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
             s1 = tl.load(SIN + tok * stride_cos + i, mask=m, other=0.0).to(tl.float32)
             s2 = tl.load(SIN + tok * stride_cos + HALF + i, mask=m, other=0.0).to(tl.float32)
-            o1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
-            o2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+            o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
+            o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
             if head < HQ:
                 tl.store(src + i, o1, mask=m)
                 tl.store(src + HALF + i, o2, mask=m)
