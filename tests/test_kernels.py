@@ -20,14 +20,15 @@ CHECKS = ("norm", "rotary", "silu", "forward")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _assert_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int, what) -> None:
+def _assert_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int, what, loose: bool = False) -> None:
     """`got` within `ulps` units of rounding (at `want`'s magnitude) of `want`.
 
     Two cases are measured in units at the largest value instead, with three more: bfloat16 under the interpreter,
     which rounds float32 to bfloat16 toward zero at each cast where GPUs (and torch) round to nearest; and float32
     on a GPU, whose compiler contracts a product and a sum into one rounding and takes a fast exponential. A sum
-    that cancels keeps its terms' rounding there. A wrong kernel is off by the values' own scale."""
-    loose = (got.device.type == "cpu") == (got.dtype == torch.bfloat16)
+    that cancels keeps its terms' rounding there. `loose` asks for that measure in every case. A wrong kernel is
+    off by the values' own scale."""
+    loose = loose or (got.device.type == "cpu") == (got.dtype == torch.bfloat16)
     info = torch.finfo(want.dtype)
     got, w = got.detach(), want.detach().double()
     least = float(w.abs().max()) if loose else info.tiny
@@ -58,8 +59,8 @@ def check_norm(device: str) -> None:
 
 
 def check_rotary(device: str) -> None:
-    """`rotary_into_cache_` rotates the query heads in place as `q * cos + rotate_half(q) * sin` does, bit for bit,
-    and writes the rotated keys and the values to their cache rows and columns, leaving every other entry alone."""
+    """`rotary_into_cache_` rotates the query heads in place as `q * cos + rotate_half(q) * sin` does, and writes
+    the rotated keys and the values to their cache rows and columns, leaving every other entry alone."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     from rsd_generation import kernels
@@ -79,8 +80,10 @@ def check_rotary(device: str) -> None:
         want_v[rows[:, None], :, cols[None, :]] = qkv[:, :, Hq + Hkv :]
         q = kernels.rotary_into_cache_(qkv, cos, sin, Hq, keys, values, rows, cols)
         assert q.data_ptr() == qkv.data_ptr() and q.shape == (N, W, Hq, D)  # in place
-        _assert_ulps(q, rotated[:, :, :Hq], 0, "queries")
-        _assert_ulps(keys, want_k, 0, "keys")
+        # bit for bit under the interpreter (float32); on the GPU the compiled kernel drops a rounding the eager
+        # operations make (6 units apart in a cancelling bfloat16 sum, measured on an H200), so at the scale there
+        _assert_ulps(q, rotated[:, :, :Hq], 0, "queries", loose=device != "cpu")
+        _assert_ulps(keys, want_k, 0, "keys", loose=device != "cpu")
         assert torch.equal(values, want_v), dtype
 
 
