@@ -422,6 +422,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--no-kernels", action="store_true", help="the fast path keeps eager elementwise operations (no Triton kernels)"
     )
+    ap.add_argument(
+        "--attention-kernel",
+        action="store_true",
+        help="decode attention by rsd_generation.kernels.decode_attention (live columns only; off by default)",
+    )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
     ap.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per target forward in SD")
@@ -473,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     fast.FUSE = not args.no_fuse
     kernels.ENABLED = not args.no_kernels
+    kernels.ATTENTION = args.attention_kernel
     args.argv = sys.argv[1:] if argv is None else argv
     if args.queue_prompts is not None and args.queue_prompts < 1:
         ap.error(f"--queue-prompts must be >= 1, got {args.queue_prompts}")
@@ -512,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compile_options": dict(fast.COMPILE_OPTIONS),
         "fused_projections": fast.FUSE,
         "triton_kernels": kernels.ENABLED and kernels.AVAILABLE,
+        "decode_attention_kernel": kernels.ENABLED and kernels.AVAILABLE and kernels.ATTENTION,
         "rows": rows,
         "complete": False,
         "command": result_command(args),

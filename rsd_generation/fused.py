@@ -193,10 +193,15 @@ def fused_forward(
         D, (Q, K, _) = attn.head_dim, f.sizes
         h, x = add_norm(layer.input_layernorm, x, delta, fast)
         qkv = F.linear(h, f.qkv, f.qkv_bias)  # qkv: [N, W, Q + K + V]
+        o = None  # o: [N, W, Hq * D], the attention's output
         if fast and not hasattr(attn, "q_norm") and hasattr(cache, "destination") and cos.dtype == qkv.dtype:
             # one kernel rotates the queries in place and writes the rotated keys and the values to the cache
-            q = kernels.rotary_into_cache_(qkv.unflatten(-1, (-1, D)), cos, sin, Q // D, *cache.destination(i))
-            keys, values = cache.read(i)  # keys: [N, Hkv, C, D]
+            k_buf, v_buf, rows, cols = cache.destination(i)
+            q = kernels.rotary_into_cache_(qkv.unflatten(-1, (-1, D)), cos, sin, Q // D, k_buf, v_buf, rows, cols)
+            if kernels.attention_fits(q, k_buf):  # attention reading the cache in place, up to the chunk's end
+                o = kernels.decode_attention(q, k_buf, v_buf, rows, attention_mask, cols, attn.scaling)
+            else:
+                keys, values = cache.read(i)  # keys: [N, Hkv, C, D]
         else:
             if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
                 q = rms_norm(attn.q_norm, qkv[..., :Q].view(N, W, -1, D))  # q: [N, W, Hq, D]
@@ -207,8 +212,10 @@ def fused_forward(
                 q, k = qk.split((Q // D, K // D), 2)
             v = qkv[..., Q + K :].unflatten(-1, (-1, D))  # v: [N, W, Hkv, D]
             keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
-        o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
-        h, x = add_norm(layer.post_attention_layernorm, x, attn.o_proj(o.transpose(1, 2).reshape(N, W, -1)), fast)
+        if o is None:
+            o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
+            o = o.transpose(1, 2).reshape(N, W, -1)
+        h, x = add_norm(layer.post_attention_layernorm, x, attn.o_proj(o), fast)
         gate_up = F.linear(h, f.gate_up, f.gate_up_bias)  # gate_up: [N, W, 2 I]
         delta = layer.mlp.down_proj(activate(layer.mlp.act_fn, gate_up, fast))
     return add_norm(backbone.norm, x, delta, fast)[0]

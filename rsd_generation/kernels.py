@@ -9,7 +9,10 @@ weights take to read. These kernels do per token, in one launch each, what those
 - `rotary_into_cache_`: the rotary embedding of the queries, in place in the fused projection's output, while the
   rotated keys and the values go straight to their columns of a static KV cache (eager: a rotation of several
   kernels, then two index copies);
-- `silu_mul`: `silu(gate) * up` from the fused gate/up projection's output.
+- `silu_mul`: `silu(gate) * up` from the fused gate/up projection's output;
+- `decode_attention`: attention of a short chunk's queries over a static cache, reading only the columns before
+  the chunk's last one and the cache rows in place (SDPA reads all C columns of the buffers, and a gathered
+  forward first copies its rows' keys and values). Off unless `ATTENTION` is set: not yet measured on a GPU.
 
 Each rounds where the model's own modules round (to the model's dtype after every operation they run in it). The
 results equal the eager ones within a unit of rounding (the norm sums in another order); on an H200 the compiled
@@ -34,6 +37,8 @@ except ImportError:  # the eager operations serve instead
 AVAILABLE = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tensors (tests)
 ENABLED = True  # set False to keep the eager operations (benchmarks compare both)
+ATTENTION = False  # decode attention by `decode_attention` (where `ENABLED`); off until measured on a GPU
+MAX_ATTENTION_QUERIES = 64  # query heads per KV head times chunk width that `decode_attention` takes in one tile
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -91,6 +96,47 @@ def rotary_into_cache_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
             BLOCK=triton.next_power_of_2(D // 2),
         )  # fmt: skip
     return qkv[:, :, :q_heads]
+
+
+def attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether `decode_attention` serves queries `q` `(N, W, Hq, D)` over key buffers `keys` `(B, Hkv, C, D)`: when
+    `ATTENTION` is on, the kernels can run, D is a power of 2 from 16 and a KV head's queries fill one tile."""
+    W, Hq, D = q.shape[1:]
+    Hkv = keys.shape[1]
+    fits = Hq % Hkv == 0 and Hq // Hkv * W <= MAX_ATTENTION_QUERIES and D >= 16 and D & (D - 1) == 0
+    return ATTENTION and fits and usable(q)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                     mask: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
+    """`softmax(q k^T * scale + mask) v` for grouped-query heads over the columns `[0, cols[-1]]` of the cache
+    rows `rows`; columns after the chunk's last are never read (the mask hides them anyway).
+
+    Args:
+        q (`torch.Tensor` of shape `(N, W, Hq, D)`): the chunk's queries (last dimension contiguous; a view into
+            the fused projection's output); head h reads key/value head h // (Hq / Hkv).
+        keys, values (`torch.Tensor` of shape `(B, Hkv, C, D)`): the layer's cache buffers.
+        rows (`torch.LongTensor` of shape `(N,)`): each query row's cache row.
+        mask (`torch.Tensor` of shape `(N, 1, W, C)`): additive.
+        cols (`torch.LongTensor` of shape `(W,)`): the chunk's columns, ascending.
+    Returns:
+        `torch.Tensor` of shape `(N, W, Hq * D)`, as the output projection takes it.
+    """
+    N, W, Hq, D = q.shape
+    Hkv = keys.shape[1]
+    G = Hq // Hkv
+    assert q.stride(3) == 1 and keys.stride(3) == 1 and values.stride() == keys.stride() and mask.stride(3) == 1
+    out = q.new_empty(N, W, Hq, D)
+    if N * W:
+        _decode_attention[(N, Hkv)](
+            q, keys, values, rows, mask, cols, out, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
+            keys.stride(1), keys.stride(2), mask.stride(0), mask.stride(2), out.stride(0), out.stride(1),
+            out.stride(2), W, G, float(scale), D=D,
+            M=max(16, triton.next_power_of_2(G * W)), BLOCK_C=64,
+            PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",  # float32 in full
+            UPCAST=INTERPRET and q.dtype != torch.float32,
+        )  # fmt: skip
+    return out.view(N, W, Hq * D)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -168,3 +214,46 @@ if triton is not None:
             dst = V + row * stride_row + (head - HQ - HKV) * stride_kvhead + col * stride_col
             tl.store(dst + i, x1, mask=m)
             tl.store(dst + HALF + i, x2, mask=m)
+
+    @triton.jit
+    def _decode_attention(Q, K, V, ROWS, MASK, COLS, OUT, sq_n, sq_w, sq_h, sk_row, sk_head, sk_col, sm_n, sm_w,
+                          so_n, so_w, so_h, W, G, scale, D: tl.constexpr, M: tl.constexpr, BLOCK_C: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+        """One (query row, KV head) per program: its G query heads x W tokens as one tile of M rows (r = g W + w),
+        an online softmax over blocks of columns up to the chunk's last."""
+        n, h = tl.program_id(0), tl.program_id(1)
+        r = tl.arange(0, M)
+        g, w = r // W, r % W
+        live = r < G * W  # live: [M], the tile's real queries
+        d = tl.arange(0, D)
+        q = tl.load(Q + n * sq_n + w[:, None] * sq_w + (h * G + g)[:, None] * sq_h + d[None, :], mask=live[:, None],
+                    other=0.0)  # fmt: skip
+        if UPCAST:
+            q = q.to(tl.float32)
+        kv = tl.load(ROWS + n) * sk_row + h * sk_head
+        bound = tl.load(COLS + W - 1) + 1  # columns read: [0, bound)
+        top = tl.full([M], float("-inf"), tl.float32)  # running maximum per query
+        total = tl.zeros([M], tl.float32)  # running sum of exponentials
+        acc = tl.zeros([M, D], tl.float32)
+        for start in range(0, bound, BLOCK_C):
+            c = start + tl.arange(0, BLOCK_C)
+            inside = c < bound
+            k = tl.load(K + kv + c[:, None] * sk_col + d[None, :], mask=inside[:, None], other=0.0)  # k: [BLOCK_C, D]
+            if UPCAST:  # the interpreter multiplies bfloat16 matrices wrongly: in float32 there
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            add = tl.load(MASK + n * sm_n + w[:, None] * sm_w + c[None, :], mask=live[:, None] & inside[None, :],
+                          other=0.0)  # fmt: skip
+            s = tl.where(inside[None, :], s * scale + add.to(tl.float32), float("-inf"))  # s: [M, BLOCK_C]
+            new_top = tl.maximum(top, tl.max(s, 1))
+            p = tl.exp(s - new_top[:, None])
+            shrink = tl.exp(top - new_top)
+            total = total * shrink + tl.sum(p, 1)
+            v = tl.load(V + kv + c[:, None] * sk_col + d[None, :], mask=inside[:, None], other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * shrink[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, input_precision=PRECISION)
+            top = new_top
+        o = acc / total[:, None]
+        dst = OUT + n * so_n + w[:, None] * so_w + (h * G + g)[:, None] * so_h + d[None, :]
+        tl.store(dst, o.to(OUT.dtype.element_ty), mask=live[:, None])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the kernels need Triton (installed with CUDA builds of torch, and by [dev])")
 
-CHECKS = ("norm", "rotary", "silu", "forward")
+CHECKS = ("norm", "rotary", "silu", "attention", "forward")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -99,6 +99,45 @@ def check_silu(device: str) -> None:
             _assert_ulps(kernels.silu_mul(gate_up), F.silu(gate) * up, 1 if dtype == torch.bfloat16 else 4, width)
 
 
+def check_attention(device: str) -> None:
+    """`decode_attention` gives what SDPA over the gathered cache rows gives (grouped heads, one-token and wider
+    chunks, a column mask with holes, causal within the chunk), and never reads a column after the chunk's last:
+    those are NaN here."""
+    from rsd_generation import kernels
+    from rsd_generation.fused import grouped_attention
+
+    kernels.ATTENTION = True
+    for dtype in DTYPES:
+        for W, Hq, Hkv, D in ((1, 12, 2, 16), (4, 4, 2, 64), (1, 8, 8, 32)):
+            torch.manual_seed(W * D)
+            B, C, start, N = 5, 150, 130, 2  # chunk columns [start, start + W): past one 64-column block
+            qkv = torch.randn(N, W, (Hq + 2 * Hkv) * D, device=device).to(dtype)
+            q = qkv[..., : Hq * D].unflatten(-1, (-1, D))  # q: [N, W, Hq, D], a strided view
+            keys = torch.randn(B, Hkv, C, D, device=device).to(dtype)
+            values = torch.randn(B, Hkv, C, D, device=device).to(dtype)
+            rows = torch.tensor([3, 0], device=device)
+            cols = torch.arange(start, start + W, device=device)
+            colmask = torch.rand(N, C, device=device) < 0.7  # colmask: [N, C], valid columns
+            c = torch.arange(C, device=device)
+            allowed = (colmask[:, None, :] & (c <= cols[:, None])) | (c == cols[:, None])  # allowed: [N, W, C]
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # mask: [N, 1, W, C]
+            want = grouped_attention(q.transpose(1, 2), keys[rows], values[rows], mask, D**-0.5)
+            want = want.transpose(1, 2).reshape(N, W, Hq * D)
+            assert kernels.attention_fits(q, keys) == (device == "cpu" or q.is_cuda)
+            keys[:, :, start + W :], values[:, :, start + W :] = float("nan"), float("nan")  # never to be read
+            got = kernels.decode_attention(q, keys, values, rows, mask, cols, D**-0.5)
+            tol = 2e-5 if dtype == torch.float32 else 2e-2
+            print(
+                dtype,
+                W,
+                (got.float() - want.float()).abs().max().item(),
+                got.isnan().any().item(),
+                want.abs().max().item(),
+            )
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{dtype} W={W} Hq={Hq} Hkv={Hkv} D={D}")
+
+
 def check_forward(device: str) -> None:
     """A fused static-cache forward with the kernels gives the eager one's outputs (prompts of several lengths, a
     dropped step, one-token steps), for Qwen2 (q/k/v biases), Llama (gate/up biases) and Qwen3 (q/k norms)."""
@@ -115,14 +154,15 @@ def check_forward(device: str) -> None:
         return Qwen3ForCausalLM(cfg).eval()
 
     models = {"qwen2": lambda: make_lm("qwen2", 96, seed=1), "llama": lambda: make_lm("llama", 96, seed=2,
-              mlp_bias=True), "qwen3": qwen3}  # fmt: skip
+              mlp_bias=True), "qwen3": qwen3, "qwen2-head-dim-16": lambda: make_lm("qwen2", 96, seed=3,
+              hidden_size=64, intermediate_size=128)}  # fmt: skip
     for name, build in models.items():
         for dtype in DTYPES:
             model = build().to(device, dtype)
             outs = []
-            for enabled in (False, True):
-                kernels.ENABLED = enabled
-                cache = fast.row_cache(model, f"kernels-{enabled}", 3, 0, "static", 64)
+            for enabled, attention in ((False, False), (True, False), (True, True)):
+                kernels.ENABLED, kernels.ATTENTION = enabled, attention
+                cache = fast.row_cache(model, f"kernels-{enabled}-{attention}", 3, 0, "static", 64)
                 cache.feed(*pad_right([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 0))
                 cache.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool))
                 cache.drop_from(torch.tensor([True, False, True]), torch.full((3,), cache.length - 2))
@@ -132,9 +172,10 @@ def check_forward(device: str) -> None:
                 steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
-            kernels.ENABLED = True
+            kernels.ENABLED, kernels.ATTENTION = True, False
             tol = 1e-4 if dtype == torch.float32 else 3e-2
-            torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype}")
+            for out, what in ((outs[1], "kernels"), (outs[2], "kernels and attention")):
+                torch.testing.assert_close(out, outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype} {what}")
             assert kernels.usable(outs[0]) or device == "cpu"
 
 
@@ -146,10 +187,18 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     rotary |= {n: "i32" for n in ("stride_tok", "stride_head", "stride_cos", "W", "HQ", "HKV", "stride_row",
                                   "stride_kvhead", "stride_col")}  # fmt: skip
     silu = {"GU": p, "OUT": p, "width": "i32", "stride_gu": "i32"}
+    attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "MASK": p, "COLS": "*i64", "OUT": p}
+    attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
+                                     "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
+    precision = "ieee" if dtype == "fp32" else "tf32"
     return {
         "_add_rms_norm": [(norm, {"HAS_DELTA": d, "BLOCK": 2048}) for d in (False, True)],
         "_rotary_into_cache": [(rotary, {"HALF": 64, "BLOCK": 64})],
         "_silu_mul": [(silu, {"BLOCK": 1024})],
+        "_decode_attention": [
+            (attention, {"D": d, "M": m, "BLOCK_C": 64, "PRECISION": precision, "UPCAST": False})
+            for d, m in ((64, 16), (128, 64))
+        ],
     }
 
 
