@@ -96,32 +96,6 @@ def split_copy(model: nn.Module, n_devices: int) -> nn.Module:
     return rsd.with_rsd(dispatch_model(copy.deepcopy(model), device_map=device_map))
 
 
-def copy_bandwidth(gib: float = 4.0, repeats: int = 20) -> float:
-    """Bytes per second one GPU moves in a device-to-device copy (read plus write), synchronised, after a warm-up."""
-    x = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device="cuda:0")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * x.element_size() * repeats / (time.perf_counter() - t)
-
-
-def floor_ms(model: nn.Module, batch: int, columns: int, bandwidth: float) -> float:
-    """ms to read what one one-token forward must read once: every weight but the embedding table (a lookup), and the
-    KV cache's `columns` columns for each of `batch` rows; the GPUs of a split model read one after another."""
-    cfg = model.config
-    embed = model.get_input_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
-    if cfg.tie_word_embeddings:  # the head reads the table
-        weights += embed.numel() * embed.element_size()
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * columns * batch * embed.element_size()
-    return (weights + kv) / bandwidth * 1e3
-
-
 def _rsd(model, draft, prm, tok, prompts: torch.Tensor, n: int, mode: str, **kw):
     """One seeded RSD call (greedy, fixed length, 32-token steps)."""
     enc = {"input_ids": prompts.to(model.device), "attention_mask": torch.ones_like(prompts).to(model.device)}
@@ -203,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             "accelerate": __import__("accelerate").__version__,
         },
         "dtype": "bfloat16",
-        "copy_bandwidth_tb_s": copy_bandwidth() / 1e12,
+        "copy_bandwidth_tb_s": speed.copy_bandwidth("cuda:0") / 1e12,
         "command": command,
         "complete": False,
     }
@@ -239,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["command"] = command
         columns = args.prompt_tokens + args.new_tokens  # the KV columns at the second of loop_alone's runs, at most
         for m in row["modes"].values():
-            floors = {"draft": floor_ms(draft, B, columns, bw), "target": floor_ms(target, B, columns, bw)}
+            floors = {"draft": speed.floor_ms(draft, B, columns, bw), "target": speed.floor_ms(target, B, columns, bw)}
             m["floor_ms"] = floors
             m["ms_per_forward_over_floor"] = {r: m["ms_per_forward"][r] / floors[r] for r in floors}
         rows.append(row)

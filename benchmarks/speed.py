@@ -234,6 +234,32 @@ def _capture_seconds() -> dict:
     return out
 
 
+def copy_bandwidth(device, gib: float = 4.0, repeats: int = 20) -> float:
+    """Bytes per second `device` moves in a device-to-device copy (read plus write), synchronised, after a warm-up."""
+    x = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        y.copy_(x)
+    _sync()
+    return 2 * x.numel() * x.element_size() * repeats / (time.perf_counter() - t)
+
+
+def floor_ms(model: nn.Module, batch: int, columns: int, bandwidth: float) -> float:
+    """ms to read what one one-token forward must read once: every weight but the embedding table (a lookup), and the
+    KV cache's `columns` columns for each of `batch` rows; the GPUs of a split model read one after another."""
+    cfg = model.config
+    embed = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+    if cfg.tie_word_embeddings:  # the head reads the table
+        weights += embed.numel() * embed.element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * columns * batch * embed.element_size()
+    return (weights + kv) / bandwidth * 1e3
+
+
 def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> dict:
     """Per-component times and RSD end to end on one decoding path (`mode`, see `rsd_fast_path`); `prompts` `(Q, P)`
     go through B slots."""
@@ -248,12 +274,17 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     runs = {role: [[loop_alone(model, role, tok, c, N, mode, cap) for c in (chunks if role == "target" else chunks[:1])]
                    for _ in range(R)] for model, role in ((draft, "draft"), (target, "target"))}  # fmt: skip
     row["ms_per_forward"] = {role: statistics.median(r[0][1] for r in v) for role, v in runs.items()}
+    columns = args.prompt_tokens + N // 2  # the context a one-token forward reads, on average over the run
+    row["floor_ms"] = {role: floor_ms(model, B, columns, args.bandwidth) for model, role in ((draft, "draft"),
+                       (target, "target"))}  # fmt: skip
+    row["ms_per_forward_over_floor"] = {role: row["ms_per_forward"][role] / row["floor_ms"][role] for role in runs}
     row["target_alone_seconds"] = statistics.median(sum(c[0] for c in r) for r in runs["target"])
     row["ms_per_graph_replay"] = {
         role: ms_per_replay(model, role) for model, role in ((draft, "draft"), (target, "target"))
     }
     row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, chunks[0], args.step_tokens, R, mode, 2 * N + 64)
-    print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (graph replay alone {row['ms_per_graph_replay']}), "
+    print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (floor {row['floor_ms']}; graph replay alone "
+          f"{row['ms_per_graph_replay']}), "
           f"PRM step {row['ms_per_prm_step']:.2f} ms, "
           f"target alone {row['target_alone_seconds']:.3f} s", flush=True)  # fmt: skip
     if args.no_rsd:
@@ -503,6 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
     prm_lm = random_model(small, 3, device, torch.bfloat16)
     head = nn.Linear(small["hidden_size"], 1).to(device, torch.bfloat16)
     prm = rsd.ValueHeadPRM(prm_lm.model, head, tok, step_token="b")
+    args.bandwidth = copy_bandwidth(device, gib=4.0 if device == "cuda" else 0.0625)  # for the per-forward floors
     params = {"draft": draft.num_parameters(), "target": target.num_parameters(), "reward": prm.num_parameters}
     print(f"{gpu}: parameters {params}", flush=True)
 
@@ -516,6 +548,9 @@ def main(argv: list[str] | None = None) -> dict:
         "timing": f"median of {args.repeats} synchronised runs after a warm-up ({args.baseline_repeats} for "
         "transformers' generate baselines)",
         "compile_options": dict(fast.COMPILE_OPTIONS),
+        "copy_bandwidth_tb_s": args.bandwidth / 1e12,
+        "floors": "floor_ms: every weight but the embedding table, plus the KV of prompt + new_tokens / 2 columns "
+        "per row, read once at copy_bandwidth_tb_s",
         "fused_projections": fast.FUSE,
         "triton_kernels": kernels.ENABLED and kernels.AVAILABLE,
         "decode_attention_kernel": kernels.ENABLED and kernels.AVAILABLE and kernels.ATTENTION,

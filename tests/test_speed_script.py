@@ -33,6 +33,11 @@ def test_speed_script_writes_its_results(tmp_path):
         shapes = r["device_time_by_shape"]  # the forwards by shape add up to the forwards the run made
         assert shapes["forwards"] == r["forward_calls"] and shapes["eager_forwards"] == r["forward_calls"]  # CPU
     assert row["best_target_only"] in ("target_alone_static", "target_generate_eager")
+    static = row["modes"]["static"]
+    for role in ("draft", "target"):  # per forward against what it must read, at the bandwidth measured in the run
+        assert static["floor_ms"][role] > 0
+        assert static["ms_per_forward_over_floor"][role] == static["ms_per_forward"][role] / static["floor_ms"][role]
+    assert row2["modes"]["static"]["floor_ms"]["target"] > static["floor_ms"]["target"]  # two rows read more KV
 
 
 def test_a_queue_run_appends_its_rows(tmp_path):
