@@ -25,6 +25,7 @@ on `x`. Without Triton the caller keeps the eager operations.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -42,10 +43,49 @@ MAX_ATTENTION_QUERIES = 64  # query heads per KV head times chunk width that `de
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether the kernels can run on `x` (Triton installed and enabled; a CUDA tensor, or the interpreter)."""
+    """Whether the kernels can run on `x` (Triton installed and enabled; a CUDA tensor, or the interpreter; and
+    they built and ran on its device and dtype the first time this was asked, else a warning says why not)."""
     if not AVAILABLE or not ENABLED or torch.compiler.is_compiling():  # a compiled forward fuses on its own
         return False
-    return x.is_cuda or (INTERPRET and x.device.type == "cpu")
+    if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
+        return False
+    key = (str(x.device), x.dtype, x.shape[-1], ATTENTION)
+    if key not in _WORKS:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False  # not tried inside a capture (every capture is warmed up first, outside it)
+        _WORKS[key] = _try_kernels(x)
+    return _WORKS[key]
+
+
+_WORKS: dict[tuple, bool] = {}  # by (device, dtype, hidden size, ATTENTION): whether the kernels ran there
+
+
+def _try_kernels(x: torch.Tensor) -> bool:
+    """Run each kernel once on small tensors like `x`'s (its hidden size, 128-wide heads): False, with a warning,
+    if Triton cannot build or launch them on this device (an old GPU, a driver it does not support)."""
+    dev, dt, H = x.device, x.dtype, x.shape[-1]
+    try:
+        t = torch.randn(2, H, device=dev).to(dt)
+        add_rms_norm(t, torch.ones(H, device=dev, dtype=dt), 1e-6, t)
+        add_rms_norm(t, torch.ones(H, device=dev, dtype=dt), 1e-6)
+        qkv = torch.randn(1, 1, 4, 128, device=dev).to(dt)  # 2 query heads, a key and a value head
+        cos, sin = torch.ones(1, 1, 128, device=dev, dtype=dt), torch.zeros(1, 1, 128, device=dev, dtype=dt)
+        keys, values = torch.zeros(1, 1, 2, 128, device=dev, dtype=dt), torch.zeros(1, 1, 2, 128, device=dev, dtype=dt)
+        rows, cols = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+        q = rotary_into_cache_(qkv, cos, sin, 2, keys, values, rows, cols)
+        silu_mul(torch.randn(2, 64, device=dev).to(dt))
+        if ATTENTION:
+            decode_attention(q, keys, values, rows, torch.zeros(1, 1, 1, 2, device=dev, dtype=dt), cols, 1.0)
+        if x.is_cuda:
+            torch.cuda.synchronize(dev)  # a launch failure surfaces here
+    except Exception as e:  # any failure to build or launch: the eager operations serve instead
+        warnings.warn(
+            f"the fast path's Triton kernels cannot run on {dev} in {dt} ({type(e).__name__}: {e}); using eager "
+            "operations instead",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

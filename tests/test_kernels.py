@@ -262,6 +262,26 @@ def test_kernels_compile_for_hopper(dtype):
             assert "cubin" in compile(source, target=GPUTarget("cuda", 90, 32)).asm, (name, constexprs)
 
 
+def test_kernels_that_cannot_run_fall_back_with_a_warning(monkeypatch):
+    """Where Triton cannot build or launch the kernels (here: compiled kernels handed CPU tensors, as if on a GPU it
+    does not support), the first forward warns once, saying why, and the eager operations give the same outputs."""
+    from rsd_generation import fast, kernels
+    from rsd_generation.kv import pad_right
+    from rsd_generation.testing import make_lm
+
+    model = make_lm("qwen2", 96, seed=1)
+    ids, valid = pad_right([[5, 6, 7], [8, 9]], 0)
+    kernels.ENABLED = False
+    want = fast.row_cache(model, "fallback-eager", 2, 0, "static", 64).feed(ids, valid)
+    kernels.ENABLED = True
+    monkeypatch.setattr(kernels, "INTERPRET", True)  # CPU tensors count as usable: the kernels are tried on them
+    monkeypatch.setattr(kernels, "_WORKS", {})
+    with pytest.warns(UserWarning, match="Triton kernels cannot run on cpu in torch.float32"):
+        got = fast.row_cache(model, "fallback-kernels", 2, 0, "static", 64).feed(ids, valid)
+    torch.testing.assert_close(got, want)
+    assert list(kernels._WORKS.values()) == [False]  # tried once; later forwards do not try again
+
+
 @pytest.mark.parametrize("check", CHECKS)
 def test_kernels_in_the_interpreter(check):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
