@@ -88,6 +88,11 @@ def _try_kernels(x: torch.Tensor) -> bool:
     return True
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """`t` `(T, H)` with consecutive elements along H (rows may lie apart), copied only if it has not."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`(weight * rms_norm(s), s)` with `s = x + delta` (or `x`), as Llama/Qwen RMS norms compute it: the norm in
@@ -98,10 +103,10 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         weight (`torch.Tensor` of shape `(H,)`).
     """
     H = x.shape[-1]
-    x2 = x.reshape(-1, H)  # x2: [T, H]
-    d2 = x2 if delta is None else delta.reshape(-1, H)
-    out = torch.empty_like(x2)
-    s = x2 if delta is None else torch.empty_like(x2)
+    x2 = _unit_stride(x.reshape(-1, H))  # x2: [T, H]
+    d2 = x2 if delta is None else _unit_stride(delta.reshape(-1, H))
+    out = x2.new_empty(x2.shape)  # out: [T, H], contiguous (the kernel writes rows of H)
+    s = x2 if delta is None else x2.new_empty(x2.shape)
     if x2.shape[0]:
         block = triton.next_power_of_2(H)
         _add_rms_norm[(x2.shape[0],)](
@@ -182,7 +187,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for `gate_up = cat(gate, up)` `(..., 2 I)`: `(..., I)`, each operation rounded to its dtype."""
     I2 = gate_up.shape[-1]
-    g2 = gate_up.reshape(-1, I2)  # g2: [T, 2 I]
+    g2 = _unit_stride(gate_up.reshape(-1, I2))  # g2: [T, 2 I]
     out = g2.new_empty(g2.shape[0], I2 // 2)
     block = 1024
     if g2.shape[0]:

@@ -39,7 +39,7 @@ def _assert_ulps(got: torch.Tensor, want: torch.Tensor, ulps: int, what, loose: 
 
 def check_norm(device: str) -> None:
     """`add_rms_norm` gives the residual sum exactly and the model's RMS norm of it within one unit of rounding
-    (the sum of squares runs in another order), with and without a delta, rows of several widths."""
+    (the sum of squares runs in another order), with and without a delta, rows of several widths, strided inputs."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
     from rsd_generation import kernels
@@ -51,9 +51,10 @@ def check_norm(device: str) -> None:
             norm.weight.data.normal_(1, 0.3)
             x = torch.randn(3, 5, H, device=device).to(dtype)
             delta = torch.randn(3, 5, H, device=device).to(dtype)
-            for d in (None, delta):
-                s = x if d is None else x + d
-                out, got_s = kernels.add_rms_norm(x, norm.weight, norm.variance_epsilon, d)
+            strided = torch.randn(3, 5, H, 2, device=device).to(dtype)[..., 0]  # elements two apart
+            for a, d in ((x, None), (x, delta), (strided, delta), (x, strided)):
+                s = a if d is None else a + d
+                out, got_s = kernels.add_rms_norm(a, norm.weight, norm.variance_epsilon, d)
                 _assert_ulps(got_s, s, 0, H)
                 _assert_ulps(out, norm(s), 1 if dtype == torch.bfloat16 else 8, H)  # float32: sum order, rsqrt
 
