@@ -10,16 +10,17 @@ weights take to read. These kernels do per token, in one launch each, what those
   rotated keys and the values go straight to their columns of a static KV cache (eager: a rotation of several
   kernels, then two index copies);
 - `silu_mul`: `silu(gate) * up` from the fused gate/up projection's output;
-- `decode_attention`: attention of a short chunk's queries over a static cache, reading only the columns before
-  the chunk's last one and the cache rows in place (SDPA reads all C columns of the buffers, and a gathered
+- `decode_attention`: attention of a short chunk's queries over a static cache, reading only the columns up to the
+  chunk's last one, and the cache rows in place (SDPA reads all C columns of the buffers, and a gathered
   forward first copies its rows' keys and values). Off unless `ATTENTION` is set: not yet measured on a GPU.
 
 Each rounds where the model's own modules round (to the model's dtype after every operation they run in it). The
 results equal the eager ones within a unit of rounding (the norm sums in another order); on an H200 the compiled
-rotation was 6 units apart in a bfloat16 sum that cancels (the compiler drops an intermediate rounding), within
-one unit at the values' scale. They run on CUDA tensors, and on CPU tensors
-under Triton's interpreter (`TRITON_INTERPRET=1`, how the tests check them); `usable(x)` says whether they can run
-on `x`. Without Triton the caller keeps the eager operations.
+rotation was 6 units apart in a bfloat16 sum that cancels (presumably an intermediate rounding dropped by the
+compiler), within one unit at the values' scale. They run on CUDA tensors, and on CPU tensors under Triton's
+interpreter (`TRITON_INTERPRET=1`, how the tests check them). `usable(x)` says whether they can run on `x`: without
+Triton, or where they fail to build or launch on its device (tried once, with a warning), the caller keeps the
+eager operations.
 """
 
 from __future__ import annotations
