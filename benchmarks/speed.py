@@ -355,6 +355,26 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     return row
 
 
+VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION
+    "kernels": (True, False),
+    "no-kernels": (False, False),
+    "attention": (True, True),
+}
+
+
+@contextlib.contextmanager
+def kernel_variant(variant: str):
+    """Run the block with `variant`'s kernels (see `VARIANTS`), on freshly captured caches; restored afterwards."""
+    before = kernels.ENABLED, kernels.ATTENTION
+    kernels.ENABLED, kernels.ATTENTION = VARIANTS[variant]
+    fast.release_fast_caches()
+    try:
+        yield
+    finally:
+        kernels.ENABLED, kernels.ATTENTION = before
+        fast.release_fast_caches()
+
+
 def measure(B: int, draft, target, prm, tok, args) -> dict:
     """Every measurement at batch size `B` (B slots for `--queue-prompts` prompts), side by side."""
     N, Q = args.new_tokens, max(B, args.queue_prompts or B)
@@ -368,7 +388,11 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
     row: dict = {"batch_size": B, "prompts": Q, "new_tokens": N, "prompt_tokens": args.prompt_tokens, "modes": {}}
     row["command"] = result_command(args)
     for mode in args.modes:
-        row["modes"][mode] = measure_mode(B, mode, draft, target, prm, tok, prompts, args)
+        for variant in args.variants:  # each kernel variant captures its own graphs
+            name = mode if len(args.variants) == 1 else f"{mode}+{variant}"
+            with kernel_variant(variant):
+                row["modes"][name] = {**measure_mode(B, mode, draft, target, prm, tok, prompts, args),
+                                      "kernels": variant}  # fmt: skip
     times = {f"target_alone_{m}": v["target_alone_seconds"] for m, v in row["modes"].items()}
     RB = args.baseline_repeats
     if not args.no_generate:
@@ -458,6 +482,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode attention by rsd_generation.kernels.decode_attention (live columns only; off by default)",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=None,
+        help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (the default), "
+        "no-kernels, attention (with the decode-attention kernel)",
+    )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
     ap.add_argument("--gamma", type=int, default=4, help="tokens the draft proposes per target forward in SD")
@@ -510,6 +542,10 @@ def main(argv: list[str] | None = None) -> dict:
     fast.FUSE = not args.no_fuse
     kernels.ENABLED = not args.no_kernels
     kernels.ATTENTION = args.attention_kernel
+    if args.variants is None:  # the flags' choice
+        args.variants = ["no-kernels" if args.no_kernels else "attention" if args.attention_kernel else "kernels"]
+    elif args.no_kernels or args.attention_kernel:
+        ap.error("--variants replaces --no-kernels and --attention-kernel; give one or the other")
     args.argv = sys.argv[1:] if argv is None else argv
     if args.queue_prompts is not None and args.queue_prompts < 1:
         ap.error(f"--queue-prompts must be >= 1, got {args.queue_prompts}")

@@ -105,3 +105,24 @@ def test_the_compile_cache_script_runs_fresh_processes(tmp_path):
         assert run["ms_per_forward"]["draft"] > 0
     with pytest.raises(SystemExit):  # an existing result is kept unless --force
         compile_cache.main(["--tiny", "--mode", "static", "--runs", "1", "--output", str(out)])
+
+
+def test_kernel_variants_are_measured_side_by_side(tmp_path, capsys):
+    """`--variants` measures each path once per kernel variant in one process, names the rows PATH+VARIANT, and
+    leaves the kernel switches as they were."""
+    from rsd_generation import kernels
+
+    out = tmp_path / "variants.json"
+    argv = ["--tiny", "--batch-sizes", "1", "--new-tokens", "8", "--prompt-tokens", "4", "--modes", "static",
+            "--variants", "kernels", "no-kernels", "attention", "--no-rsd", "--no-sd", "--no-static",
+            "--no-assisted", "--no-generate", "--repeats", "1", "--output", str(out)]  # fmt: skip
+    before = kernels.ENABLED, kernels.ATTENTION
+    speed.main(argv)
+    assert before == (kernels.ENABLED, kernels.ATTENTION)
+    modes = json.loads(out.read_text())["rows"][0]["modes"]
+    assert {name: m["kernels"] for name, m in modes.items()} == {
+        "static+kernels": "kernels", "static+no-kernels": "no-kernels", "static+attention": "attention"}  # fmt: skip
+    assert all(m["ms_per_forward"]["draft"] > 0 for m in modes.values())
+    with pytest.raises(SystemExit):
+        speed.main([*argv[:-2], "--output", str(tmp_path / "other.json"), "--no-kernels"])
+    assert "--variants replaces --no-kernels" in capsys.readouterr().err
