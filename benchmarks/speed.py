@@ -267,21 +267,19 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     cap = args.prompt_tokens + 2 * N + 64  # two runs of N tokens (rsd_decode's own caches are sized alike)
     chunks = prompts.split(B)  # target alone: the prompts in batches of B, one after another
     row: dict = {"mode": mode}
+    models = ((draft, "draft"), (target, "target"))
     t0 = time.perf_counter()
-    for model, role in ((draft, "draft"), (target, "target")):  # first use: capture / compile
+    for model, role in models:  # first use: capture / compile
         loop_alone(model, role, tok, chunks[0], N, mode, cap)
     row["first_use_seconds"] = time.perf_counter() - t0
     runs = {role: [[loop_alone(model, role, tok, c, N, mode, cap) for c in (chunks if role == "target" else chunks[:1])]
-                   for _ in range(R)] for model, role in ((draft, "draft"), (target, "target"))}  # fmt: skip
+                   for _ in range(R)] for model, role in models}  # fmt: skip
     row["ms_per_forward"] = {role: statistics.median(r[0][1] for r in v) for role, v in runs.items()}
     columns = args.prompt_tokens + N // 2  # the context a one-token forward reads, on average over the run
-    row["floor_ms"] = {role: floor_ms(model, B, columns, args.bandwidth) for model, role in ((draft, "draft"),
-                       (target, "target"))}  # fmt: skip
+    row["floor_ms"] = {role: floor_ms(model, B, columns, args.bandwidth) for model, role in models}
     row["ms_per_forward_over_floor"] = {role: row["ms_per_forward"][role] / row["floor_ms"][role] for role in runs}
     row["target_alone_seconds"] = statistics.median(sum(c[0] for c in r) for r in runs["target"])
-    row["ms_per_graph_replay"] = {
-        role: ms_per_replay(model, role) for model, role in ((draft, "draft"), (target, "target"))
-    }
+    row["ms_per_graph_replay"] = {role: ms_per_replay(model, role) for model, role in models}
     row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, chunks[0], args.step_tokens, R, mode, 2 * N + 64)
     print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (floor {row['floor_ms']}; graph replay alone "
           f"{row['ms_per_graph_replay']}), "

@@ -85,23 +85,25 @@ class StaticKV:
         k, v = self.keys[layer_idx], self.values[layer_idx]
         cols = self.cols.to(k.device)
         if self.rows is None:
-            k, v = k[: self.batch_size], v[: self.batch_size]
-            k.index_copy_(2, cols, key_states)
-            v.index_copy_(2, cols, value_states)
-            return k, v
-        rows = self.rows.to(k.device)
-        k[rows[:, None], :, cols[None, :]] = key_states.transpose(1, 2)  # the indexed view: [N, L, H, D]
-        v[rows[:, None], :, cols[None, :]] = value_states.transpose(1, 2)
-        return k[rows], v[rows]
+            k[: self.batch_size].index_copy_(2, cols, key_states)
+            v[: self.batch_size].index_copy_(2, cols, value_states)
+        else:
+            rows = self.rows.to(k.device)
+            k[rows[:, None], :, cols[None, :]] = key_states.transpose(1, 2)  # the indexed view: [N, L, H, D]
+            v[rows[:, None], :, cols[None, :]] = value_states.transpose(1, 2)
+        return self.read(layer_idx)
 
     def destination(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Where the running forward writes layer `layer_idx`'s keys and values: the whole buffers `(B + 1, H, C, D)`,
         the buffer row of each of its rows `(N,)` and the columns `(L,)` (for a kernel that writes them itself;
         `read` then gives them back)."""
         k = self.keys[layer_idx]
-        rows = self._all_rows if self.rows is None else self.rows
-        if rows is None or rows.device != k.device:
-            rows = self._all_rows = torch.arange(self.batch_size, device=k.device)
+        if self.rows is not None:
+            rows = self.rows.to(k.device)
+        else:
+            if self._all_rows is None or self._all_rows.device != k.device:
+                self._all_rows = torch.arange(self.batch_size, device=k.device)
+            rows = self._all_rows
         return k, self.values[layer_idx], rows, self.cols.to(k.device)
 
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

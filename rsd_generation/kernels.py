@@ -146,11 +146,12 @@ def rotary_into_cache_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
 
 def attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether `decode_attention` serves queries `q` `(N, W, Hq, D)` over key buffers `keys` `(B, Hkv, C, D)`: when
-    `ATTENTION` is on, the kernels can run, D is a power of 2 from 16 and a KV head's queries fill one tile."""
+    `ATTENTION` is on, D is a power of 2 from 16 and a KV head's queries fill one tile (the caller has asked
+    `usable` of the forward's hidden states, which tries this kernel too while `ATTENTION` is on)."""
     W, Hq, D = q.shape[1:]
     Hkv = keys.shape[1]
     fits = Hq % Hkv == 0 and Hq // Hkv * W <= MAX_ATTENTION_QUERIES and D >= 16 and D & (D - 1) == 0
-    return ATTENTION and fits and usable(q)
+    return ATTENTION and fits
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,

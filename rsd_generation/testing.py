@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from .mixin import with_rsd
 
@@ -64,6 +72,14 @@ def make_lm(kind: str, vocab: int, seed: int, **overrides) -> Qwen2ForCausalLM |
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return with_rsd(model)
+
+
+def make_qwen3(vocab: int, seed: int = 4) -> Qwen3ForCausalLM:
+    """A tiny random Qwen3 (per-head q/k norms) with grouped-query attention, eval mode, float32."""
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    return Qwen3ForCausalLM(cfg).eval()
 
 
 def save_value_head_prm(path: Path, tok, seed: int = 5, architecture: str = "Qwen2ForPrmModel") -> Path:

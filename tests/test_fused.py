@@ -5,26 +5,17 @@ again."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from rsd_generation.fast import row_cache
 from rsd_generation.fused import fused_layout, grouped_attention, why_not_fused
 from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
-from rsd_generation.testing import make_lm
-
-
-def _qwen3(vocab: int) -> Qwen3ForCausalLM:
-    """A tiny Qwen3 (per-head q/k norms) with grouped-query attention."""
-    torch.manual_seed(4)
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-    return Qwen3ForCausalLM(cfg).eval()
-
+from rsd_generation.testing import make_lm, make_qwen3
 
 MODELS = {
     "qwen2": lambda v: make_lm("qwen2", v, seed=1),  # q/k/v biases
     "llama": lambda v: make_lm("llama", v, seed=2, mlp_bias=True),  # gate/up biases
-    "qwen3": _qwen3,
+    "qwen3": make_qwen3,
 }
 
 

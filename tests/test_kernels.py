@@ -143,19 +143,11 @@ def check_forward(device: str) -> None:
     """A fused static-cache forward with the kernels gives the eager one's outputs (prompts of several lengths, a
     dropped step, a gathered row, one-token steps), for Qwen2 (q/k/v biases, 16-wide heads: the attention kernel
     runs), Llama (gate/up biases) and Qwen3 (q/k norms)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from rsd_generation import fast, kernels
     from rsd_generation.kv import pad_right
-    from rsd_generation.testing import make_lm
+    from rsd_generation.testing import make_lm, make_qwen3
 
-    def qwen3():
-        torch.manual_seed(4)
-        cfg = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-        return Qwen3ForCausalLM(cfg).eval()
-
-    models = {"llama": lambda: make_lm("llama", 96, seed=2, mlp_bias=True), "qwen3": qwen3,
+    models = {"llama": lambda: make_lm("llama", 96, seed=2, mlp_bias=True), "qwen3": lambda: make_qwen3(96),
               "qwen2": lambda: make_lm("qwen2", 96, seed=3, hidden_size=64, intermediate_size=128)}  # fmt: skip
     for name, build in models.items():
         for dtype in DTYPES:
