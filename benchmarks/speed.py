@@ -354,9 +354,9 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
 
 
 VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION
-    "kernels": (True, False),
+    "kernels": (True, True),
+    "no-attention": (True, False),
     "no-kernels": (False, False),
-    "attention": (True, True),
 }
 
 
@@ -476,17 +476,17 @@ def parser() -> argparse.ArgumentParser:
         "--no-kernels", action="store_true", help="the fast path keeps eager elementwise operations (no Triton kernels)"
     )
     ap.add_argument(
-        "--attention-kernel",
+        "--no-attention-kernel",
         action="store_true",
-        help="decode attention by rsd_generation.kernels.decode_attention (live columns only; off by default)",
+        help="decode attention by SDPA over the whole cache instead of rsd_generation.kernels.decode_attention",
     )
     ap.add_argument(
         "--variants",
         nargs="+",
         choices=list(VARIANTS),
         default=None,
-        help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (the default), "
-        "no-kernels, attention (with the decode-attention kernel)",
+        help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (all of them, "
+        "the default), no-attention (SDPA instead of the decode-attention kernel), no-kernels (eager operations)",
     )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
@@ -539,11 +539,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     fast.FUSE = not args.no_fuse
     kernels.ENABLED = not args.no_kernels
-    kernels.ATTENTION = args.attention_kernel
+    kernels.ATTENTION = not args.no_attention_kernel
     if args.variants is None:  # the flags' choice
-        args.variants = ["no-kernels" if args.no_kernels else "attention" if args.attention_kernel else "kernels"]
-    elif args.no_kernels or args.attention_kernel:
-        ap.error("--variants replaces --no-kernels and --attention-kernel; give one or the other")
+        args.variants = ["no-kernels" if args.no_kernels else "no-attention" if args.no_attention_kernel else "kernels"]
+    elif args.no_kernels or args.no_attention_kernel:
+        ap.error("--variants replaces --no-kernels and --no-attention-kernel; give one or the other")
     args.argv = sys.argv[1:] if argv is None else argv
     if args.queue_prompts is not None and args.queue_prompts < 1:
         ap.error(f"--queue-prompts must be >= 1, got {args.queue_prompts}")

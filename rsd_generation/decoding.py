@@ -334,7 +334,8 @@ def decode_step(
             break
         if not ahead:
             logits = cache.feed(tok[:, None], alive[:, None], rows=active)
-    steps = [step[i, :k].tolist() for i, k in enumerate(n.tolist())]
+    written = step.cpu()  # one copy for every row (row by row, each would wait for the device)
+    steps = [written[i, :k].tolist() for i, k in enumerate(n.tolist())]
     for i, sel in enumerate(rows.tolist()):
         if sel:
             cache.pending[i] = steps[i][-1:]

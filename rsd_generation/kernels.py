@@ -12,7 +12,8 @@ weights take to read. These kernels do per token, in one launch each, what those
 - `silu_mul`: `silu(gate) * up` from the fused gate/up projection's output;
 - `decode_attention`: attention of a short chunk's queries over a static cache, reading only the columns up to the
   chunk's last one, and the cache rows in place (SDPA reads all C columns of the buffers, and a gathered
-  forward first copies its rows' keys and values). Off unless `ATTENTION` is set: not yet measured on a GPU.
+  forward first copies its rows' keys and values). On an H200 it took 0.25 ms off a draft token at batch 1
+  (2.35 -> 2.10 ms) and off a target one (5.04 -> 4.80); `ATTENTION = False` turns it off.
 
 Each rounds where the model's own modules round (to the model's dtype after every operation they run in it). The
 results equal the eager ones within a unit of rounding (the norm sums in another order); on an H200 the compiled
@@ -39,7 +40,7 @@ except ImportError:  # the eager operations serve instead
 AVAILABLE = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tensors (tests)
 ENABLED = True  # set False to keep the eager operations (benchmarks compare both)
-ATTENTION = False  # decode attention by `decode_attention` (where `ENABLED`); off until measured on a GPU
+ATTENTION = True  # decode attention by `decode_attention` (where `ENABLED` and it fits)
 MAX_ATTENTION_QUERIES = 64  # query heads per KV head times chunk width that `decode_attention` takes in one tile
 
 

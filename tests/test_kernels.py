@@ -280,11 +280,37 @@ def test_kernels_that_cannot_run_fall_back_with_a_warning(monkeypatch):
     assert list(kernels._WORKS.values()) == [False]  # tried once; later forwards do not try again
 
 
+def _interpreter_loops_to_a_loaded_bound() -> bool:
+    """Whether the interpreter runs `for i in range(0, tl.load(p), 1)`, as the attention kernel does (Triton 3.6's
+    interpreter calls int() on a one-element array there, which NumPy 2.4 refuses)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(P, OUT):
+        total = 0
+        for _ in range(0, tl.load(P), 1):
+            total += 1
+        tl.store(OUT, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](torch.tensor([3], dtype=torch.int32), out)
+    except Exception as error:  # InterpreterError(TypeError(...))
+        if "0-dimensional" not in str(error):
+            raise
+        return False
+    return int(out) == 3
+
+
 @pytest.mark.parametrize("check", CHECKS)
 def test_kernels_in_the_interpreter(check):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, __file__, check, "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    if last.startswith(f"{check} skipped: "):
+        pytest.skip(last)
     assert run.stdout.strip().endswith(f"{check} ok")  # the check ran to its end, with the interpreter on
 
 
@@ -297,6 +323,14 @@ def test_kernels_on_the_gpu(check):
 if __name__ == "__main__":  # a child process of test_kernels_in_the_interpreter
     from rsd_generation import kernels
 
+    if not _interpreter_loops_to_a_loaded_bound():  # the attention kernel cannot run here: the others can
+        if sys.argv[1] in ("attention", "forward", "generate"):
+            print(
+                f"{sys.argv[1]} skipped: this Triton's interpreter cannot run the attention kernel's loop up to a "
+                "loaded bound under this NumPy (int() of a one-element array; newer Tritons squeeze it)"
+            )
+            sys.exit(0)
+        kernels.ATTENTION = False
     assert kernels.INTERPRET and kernels.usable(torch.zeros(1)), "started without TRITON_INTERPRET=1"
     globals()[f"check_{sys.argv[1]}"](sys.argv[2])
     print(sys.argv[1], "ok")
