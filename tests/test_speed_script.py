@@ -126,3 +126,28 @@ def test_kernel_variants_are_measured_side_by_side(tmp_path, capsys):
     with pytest.raises(SystemExit):
         speed.main([*argv[:-2], "--output", str(tmp_path / "other.json"), "--no-kernels"])
     assert "--variants replaces --no-kernels" in capsys.readouterr().err
+
+
+def test_the_host_profile_script_records_each_run_and_refuses_to_overwrite(tmp_path, capsys):
+    """`benchmarks.host_profile --tiny` times each run with what it paid once (the first run builds the static
+    caches), profiles one more, and leaves an existing output alone without --force."""
+    from rsd_generation.benchmarks import host_profile
+
+    out = tmp_path / "host.json"
+    argv = ["--tiny", "--batch-size", "2", "--runs", "2", "--new-tokens", "8", "--top", "5", "--output", str(out)]
+    host_profile.main(argv)
+    result = json.loads(out.read_text())
+    assert [set(r) for r in result["runs"]] == [
+        {"seconds", "capture_seconds", "triton_compilations", "forward_calls"}
+    ] * 2
+    assert result["runs"][0]["forward_calls"] == result["runs"][1]["forward_calls"]  # the same seeded decisions
+    assert result["runs"][0]["forward_calls"]["draft"] > 0
+    assert len(result["by_own_time"]) == 5 and result["by_cumulative_time"][0]["cumtime_s"] > 0
+    assert result["syncs_by_line"] is None  # counted on a GPU only
+    before = out.read_text()
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        host_profile.main(argv)
+    assert out.read_text() == before
+    with pytest.raises(SystemExit):
+        host_profile.main([*argv[:-2], "--runs", "0", "--output", str(tmp_path / "other.json")])
+    assert "--runs must be >= 1, got 0" in capsys.readouterr().err
