@@ -91,33 +91,84 @@ def stop_string_criteria(tokenizer, stop_strings: str | Sequence[str]) -> StopSt
     return per_tokenizer[key]
 
 
-class StepSeparator:
-    """Ends a step when its text ends in the separator (a token may merge it with neighbours, as ".\n\n").
+def separator_tables(criteria: StopStringCriteria) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step separator as an automaton over tokens, built from what a one-string `StopStringCriteria` indexed:
+    `(next_state, ends)`, both `(S, V')`, for the S states it reaches (state 0: nothing matched yet) and each
+    token of its table (ids past it read its last column, as the criteria clamp them).
 
-    transformers' `StopStringCriteria` runs only on the current step's tokens (never the prompt), and only when
-    the newest token's text contains the separator's last character, which any match needs (a cheap lookup
-    instead of a few dozen tensor ops per token).
+    A state is the set of lengths k for which the text so far ends in the separator's first k characters (bytes,
+    for byte-level tokenizers); the criteria's table gives, per token, its length, where it may sit inside the
+    separator (`valid positions`: characters after it, its start may run off the separator's) and how much of the
+    separator's end it may hold (`end overlaps`: the separator may also lie inside it). A token ends the step when
+    it holds the whole separator, or its end overlap e meets a state holding L - e. So the step ends at the token
+    where the criteria, which check the text's end after each token, first match; unlike them it does not stop
+    looking after L tokens, so a separator around tokens with empty text still counts."""
+    vec = criteria.embedding_vec.long()  # vec: [V', P + E + 1]
+    P, E = criteria.max_valid_positions, criteria.max_valid_end_lens
+    L = int(criteria.target_lens[0])
+    if L > 62:  # a state is a bit mask of prefix lengths in an int64
+        raise ValueError(f"a step separator may be at most 62 characters (or bytes) long, got {L}")
+    positions, overlaps, length = vec[:, :P], vec[:, P : P + E], vec[:, -1:]  # [V', P], [V', E], [V', 1]
+    inside = positions > 0  # inside: [V', P]
+    cover = inside & (positions + length >= L)  # the token holds the separator's first L - i characters, or more
+    need = (L - positions - length).clamp(0, L)  # need: [V', P], what the text before must already end in
+    at = (L - positions).clamp(0, L)  # at: [V', P], the prefix length after the token
+    holds = overlaps > 0  # holds: [V', E]
+
+    def step(state: int) -> tuple[torch.Tensor, torch.Tensor]:  # state: a bit mask of prefix lengths
+        has = lambda k: (state >> k) & 1 == 1
+        keep = inside & (cover | ((need > 0) & has(need)))  # keep: [V', P]
+        after = (keep.long() << at).sum(1)  # after: [V'] (distinct positions: distinct bits)
+        ends = (holds & ((overlaps >= L) | has((L - overlaps).clamp(0, L)))).any(1)  # ends: [V']
+        return after, ends
+
+    masks, rows_next, rows_ends = [0], [], []
+    while len(rows_next) < len(masks):  # breadth first over the reachable states (at most L for one string)
+        after, ends = step(masks[len(rows_next)])
+        for m in after.unique().tolist():
+            if m not in masks:
+                masks.append(m)
+        rows_next.append(after)
+        rows_ends.append(ends)
+    index = {m: i for i, m in enumerate(masks)}
+    rows = []
+    for after in rows_next:
+        seen, back = after.unique(return_inverse=True)
+        rows.append(torch.tensor([index[m] for m in seen.tolist()])[back])
+    next_state = torch.stack(rows)  # next_state: [S, V']
+    return next_state, torch.stack(rows_ends)
+
+
+class StepSeparator:
+    """Ends a step when its text comes to hold the separator (a token may merge it with neighbours, as ".\n\n"):
+    an automaton over tokens (`separator_tables`), one lookup per token and row, where transformers'
+    `StopStringCriteria` would run a few dozen tensor operations on the step so far.
     """
 
     def __init__(self, tokenizer, separator: str):
-        self.criteria = stop_string_criteria(tokenizer, [separator])
-        if separator[-1].isascii():
-            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-            self.may_end = torch.tensor([separator[-1] in t for t in texts])  # may_end: [V_tok]
-        else:  # a multi-byte character may be split across byte-level tokens: check every token
-            self.may_end = torch.ones(len(tokenizer), dtype=torch.bool)
-        self.may_end_host = self.may_end.tolist()  # the same, for checks on the host (no device round trip)
+        self.next_state, self.ends = separator_tables(stop_string_criteria(tokenizer, [separator]))  # [S, V']
+        self._host = (self.next_state.tolist(), self.ends.tolist())  # for checks on the host
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, step: torch.Tensor, scores: torch.Tensor, sync: bool = True) -> torch.Tensor:
-        """`(R,)` bools: the step `(R, t)` now ends in the separator. With `sync=False` the host never waits for
-        the device (the prefilter is applied as a mask instead of a shortcut)."""
-        self.may_end = self.may_end.to(step.device)
-        last = step[:, -1]
-        n = len(self.may_end)
-        possible = torch.where(last < n, self.may_end[last.clamp(max=n - 1)], False)  # possible: [R]
-        if sync and not bool(possible.any()):
-            return possible
-        return self.criteria(step, scores).to(step.device) & possible
+    def start(self, rows: int, device: torch.device) -> torch.Tensor:
+        """`(rows,)` states at a step's start: nothing of the separator seen."""
+        return torch.zeros(rows, dtype=torch.long, device=device)
+
+    def advance(self, state: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed each row's token `(R,)`: its next state `(R,)`, and whether the token ended the step `(R,)`."""
+        if tok.device not in self._on:
+            self._on[tok.device] = (self.next_state.to(tok.device), self.ends.to(tok.device))
+        next_state, ends = self._on[tok.device]
+        t = tok.clamp(0, next_state.shape[1] - 1)
+        return next_state[state, t], ends[state, t]
+
+    def ended(self, step: Sequence[int]) -> bool:
+        """Whether the step's last token (of a step not ended before it) ends it, on the host."""
+        next_state, ends = self._host
+        last, state = len(next_state[0]) - 1, 0
+        for t in step[:-1]:
+            state = next_state[state][min(max(t, 0), last)]
+        return bool(step) and ends[state][min(max(step[-1], 0), last)]
 
 
 class HostFlag:
@@ -308,6 +359,7 @@ def decode_step(
     alive, user_stop = rows.clone(), torch.zeros_like(rows)  # alive, user_stop: [R]
     n = torch.zeros_like(budget)  # n: [R], tokens written this step
     step = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)  # step: [R, t], tokens written so far
+    where = rules.separator.start(len(rows), dev) if rules.separator is not None else None  # where: [R]
     while True:
         scores = logits[:, : s.vocab]  # scores: [R, V]
         if len(s.processors):
@@ -319,7 +371,8 @@ def decode_step(
         n += alive.long()
         ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
         if rules.separator is not None:
-            ended |= rules.separator(step, scores, sync=not ahead)
+            where, hit = rules.separator.advance(where, tok)
+            ended |= hit
         if len(rules.user):
             hit = _per_row(rules.user, groups, step, scores, torch.zeros_like(alive))
             user_stop |= alive & hit
@@ -444,7 +497,11 @@ def speculative_step(
             for k, tok in enumerate(picks[j]):
                 new.append(tok)
                 step[j].append(tok)
-                if tok in eos or len(step[j]) >= limit[j] or _ends_with_separator(rules.separator, step[j]):
+                if (
+                    tok in eos
+                    or len(step[j]) >= limit[j]
+                    or (rules.separator is not None and rules.separator.ended(step[j]))
+                ):
                     alive[j] = False
                     break
                 if k == len(prop[j]) or tok != prop[j][k]:
@@ -500,16 +557,6 @@ def _accept_or_resample(
         return out
     out.append(int(_draw(p[len(prop)][None], generator)[0]))
     return out
-
-
-def _ends_with_separator(separator: StepSeparator | None, step: list[int]) -> bool:
-    """Whether a step's text now ends in the separator (the prefilter on the last token first)."""
-    if separator is None:
-        return False
-    last = step[-1]
-    if last < len(separator.may_end_host) and not separator.may_end_host[last]:
-        return False
-    return bool(separator.criteria(torch.tensor([step]), torch.zeros(1, 1))[0])
 
 
 def _vocab_size(model: PreTrainedModel) -> int:
