@@ -151,3 +151,24 @@ def test_the_host_profile_script_records_each_run_and_refuses_to_overwrite(tmp_p
     with pytest.raises(SystemExit):
         host_profile.main([*argv[:-2], "--runs", "0", "--output", str(tmp_path / "other.json")])
     assert "--runs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_timing_warms_up_until_a_run_captures_nothing(monkeypatch):
+    """`speed.timed` keeps warming up while runs still capture graphs (at most three warm-ups), then times."""
+    captured = {"seconds": 0.0}
+    calls = []
+
+    def run():  # the first two runs capture
+        calls.append(len(calls))
+        if len(calls) <= 2:
+            captured["seconds"] += 1.0
+        return len(calls)
+
+    monkeypatch.setattr(speed, "_capture_seconds", lambda: {"draft": captured["seconds"]})
+    last, _, times = speed.timed(run, 2)
+    assert len(calls) == 5 and last == 5 and len(times) == 2  # three warm-ups (the third captured nothing)
+    calls.clear()
+    captured["seconds"] = 0.0
+    always = lambda: (calls.append(0), captured.__setitem__("seconds", captured["seconds"] + 1))
+    speed.timed(always, 1)
+    assert len(calls) == 4  # never settles: three warm-ups at most, then the timed run
