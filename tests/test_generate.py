@@ -148,6 +148,7 @@ def test_with_rsd_is_in_place_idempotent_and_keeps_the_class_name(tok):
         ({"rsd_max_step_tokens": True}, "rsd_max_step_tokens must be an int >= 1, got True"),
         ({"rsd_max_steps": True}, "rsd_max_steps must be None or an int >= 1, got True"),
         ({"rsd_step_separator": ""}, "rsd_step_separator must be a non-empty string"),
+        ({"rsd_step_separator": "ab" * 32}, "a step separator may be at most 62 characters (or bytes) long, got 64"),
         ({"reward_prompts": ["only one"]}, "one problem per row: got 1 for 3 rows"),
         ({"tokenizer": None}, "RSD needs tokenizer="),
         ({"reward_model": "skywork"}, "reward_model must be a RewardModel"),
