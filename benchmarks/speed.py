@@ -359,23 +359,24 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     return row
 
 
-VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION
-    "kernels": (True, True),
-    "no-attention": (True, False),
-    "no-kernels": (False, False),
+VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
+    "kernels": (True, True, False),
+    "no-attention": (True, False, False),
+    "no-kernels": (False, False, False),
+    "gemv": (True, True, True),
 }
 
 
 @contextlib.contextmanager
 def kernel_variant(variant: str):
     """Run the block with `variant`'s kernels (see `VARIANTS`), on freshly captured caches; restored afterwards."""
-    before = kernels.ENABLED, kernels.ATTENTION
-    kernels.ENABLED, kernels.ATTENTION = VARIANTS[variant]
+    before = kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
+    kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = VARIANTS[variant]
     fast.release_fast_caches()
     try:
         yield
     finally:
-        kernels.ENABLED, kernels.ATTENTION = before
+        kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = before
         fast.release_fast_caches()
 
 
@@ -491,8 +492,9 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=list(VARIANTS),
         default=None,
-        help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (all of them, "
-        "the default), no-attention (SDPA instead of the decode-attention kernel), no-kernels (eager operations)",
+        help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (the default "
+        "ones), no-attention (SDPA instead of the decode-attention kernel), no-kernels (eager operations), gemv "
+        "(the default ones and kernels.linear for projections of a few tokens, off by default)",
     )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
@@ -594,6 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fused_projections": fast.FUSE,
         "triton_kernels": kernels.ENABLED and kernels.AVAILABLE,
         "decode_attention_kernel": kernels.ENABLED and kernels.AVAILABLE and kernels.ATTENTION,
+        "gemv_kernel": "per variant (--variants gemv)" if "gemv" in args.variants else False,
         "rows": rows,
         "complete": False,
         "command": result_command(args),

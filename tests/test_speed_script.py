@@ -114,13 +114,13 @@ def test_kernel_variants_are_measured_side_by_side(tmp_path, capsys):
 
     out = tmp_path / "variants.json"
     argv = ["--tiny", "--batch-sizes", "1", "--new-tokens", "8", "--prompt-tokens", "4", "--modes", "static",
-            "--variants", "kernels", "no-kernels", "no-attention", "--no-rsd", "--no-sd", "--no-static",
+            "--variants", "kernels", "no-kernels", "no-attention", "gemv", "--no-rsd", "--no-sd", "--no-static",
             "--no-assisted", "--no-generate", "--repeats", "1", "--output", str(out)]  # fmt: skip
-    before = kernels.ENABLED, kernels.ATTENTION
+    before = kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
     speed.main(argv)
-    assert before == (kernels.ENABLED, kernels.ATTENTION)
+    assert before == (kernels.ENABLED, kernels.ATTENTION, kernels.GEMV)
     modes = json.loads(out.read_text())["rows"][0]["modes"]
-    variants = ("kernels", "no-kernels", "no-attention")
+    variants = ("kernels", "no-kernels", "no-attention", "gemv")
     assert {name: m["kernels"] for name, m in modes.items()} == {f"static+{v}": v for v in variants}
     assert all(m["ms_per_forward"]["draft"] > 0 for m in modes.values())
     with pytest.raises(SystemExit):
