@@ -183,12 +183,15 @@ def check_forward(device: str) -> None:
     models = {"llama": lambda: make_lm("llama", 96, seed=2, mlp_bias=True), "qwen3": lambda: make_qwen3(96),
               "qwen2": lambda: make_lm("qwen2", 96, seed=3, hidden_size=64, intermediate_size=128)}  # fmt: skip
     for name, build in models.items():
-        for dtype in DTYPES:
+        # Llama's 8-wide heads and Qwen3's q/k norms keep the attention kernel out: eager, or every other kernel
+        # (in float32 only under the interpreter, which is slow). Qwen2: with and without the attention kernel,
+        # then with the few-token projections too (their own check covers the shapes)
+        variants = [(False, False, False), (True, True, False)]
+        if name == "qwen2":
+            variants = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+        for dtype in DTYPES if name == "qwen2" or device == "cuda" else DTYPES[:1]:
             model = build().to(device, dtype)
             outs = []
-            variants = [(False, False, False), (True, False, False), (True, True, False)]
-            if name == "qwen2":  # the few-token projections too (their own check covers the shapes)
-                variants.append((True, True, True))
             calls.clear()
             for enabled, attention, gemv in variants:
                 kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = enabled, attention, gemv
@@ -205,7 +208,7 @@ def check_forward(device: str) -> None:
             kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = True, False, False
             assert (len(calls) > 0) == (len(variants) == 4 and (device == "cpu" or outs[0].is_cuda)), calls
             tol = 1e-4 if dtype == torch.float32 else 3e-2
-            for out, what in zip(outs[1:], ("kernels", "kernels and attention", "all kernels and gemv"), strict=False):
+            for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention, gemv)
                 torch.testing.assert_close(out, outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype} {what}")
             assert kernels.usable(outs[0]) or device == "cpu"
 
