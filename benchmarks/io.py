@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import stat
 import tempfile
@@ -14,11 +15,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def finite(obj):
+    """`obj` with every NaN or infinite float replaced by None (strict JSON has no such numbers: an undefined metric,
+    say a ROC-AUC over one class, is written as null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    """Write `obj` as JSON to a temp file beside `path`, then rename it over `path` (a crash leaves no half file)."""
+    """Write `obj` as strict JSON (non-finite floats as null) to a temp file beside `path`, then rename it over
+    `path` (a crash leaves no half file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(finite(obj), indent=2, allow_nan=False) + "\n").encode())
     return path
 
 

@@ -1,5 +1,6 @@
 """Pieces of the toy training script that must agree with the rest of the project."""
 
+import json
 import random
 
 import pytest
@@ -29,6 +30,21 @@ def test_roc_auc_on_a_hand_computed_case():
     assert roc_auc(torch.tensor([0.9, 0.5, 0.4, 0.1]), torch.tensor([1.0, 0.0, 1.0, 0.0])) == pytest.approx(0.75)
     assert roc_auc(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0])) == pytest.approx(0.5)  # ties count half
     assert torch.isnan(torch.tensor(roc_auc(torch.tensor([0.3]), torch.tensor([1.0]))))
+
+
+def test_an_undefined_metric_is_written_as_strict_json_null(tmp_path):
+    """An AUC over one class (NaN) and other non-finite floats reach result files as null, never as the bare `NaN`
+    that strict JSON parsers refuse."""
+    from rsd_generation.benchmarks.io import write_json_atomic
+
+    auc = roc_auc(torch.tensor([0.3]), torch.tensor([1.0]))
+    path = write_json_atomic(tmp_path / "metrics.json", {"auc": auc, "curve": [float("inf"), 0.5], "pair": (1.0, -0.0)})
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    written = json.loads(path.read_text(), parse_constant=refuse)
+    assert written == {"auc": None, "curve": [None, 0.5], "pair": [1.0, 0.0]}
 
 
 def _toy_prm(tok) -> PRMHead:
