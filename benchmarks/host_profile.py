@@ -25,10 +25,9 @@ import transformers
 from torch import nn
 
 import rsd_generation as rsd
-from rsd_generation import fast
 
 from .io import refuse_overwrite, write_json_atomic
-from .speed import QWEN_1_5B, QWEN_7B, TINY, random_model, word_tokenizer
+from .speed import QWEN_1_5B, QWEN_7B, TINY, random_model, total_capture_seconds, word_tokenizer
 
 
 @contextlib.contextmanager
@@ -124,17 +123,14 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return out
 
-    def captured() -> float:
-        return sum(cache.capture_seconds for _, cache in fast.kept_caches())
-
     runs = []
     for i in range(args.runs):  # what each run pays once: graph captures, Triton compilations
         compiles: collections.Counter = collections.Counter()
-        before, t0 = captured(), time.perf_counter()
+        before, t0 = total_capture_seconds(), time.perf_counter()
         with counting_triton_compilations(compiles):
             out = run()
-        seconds = time.perf_counter() - t0
-        runs.append({"seconds": seconds, "capture_seconds": captured() - before, "triton_compilations": dict(compiles),
+        seconds, capture = time.perf_counter() - t0, total_capture_seconds() - before
+        runs.append({"seconds": seconds, "capture_seconds": capture, "triton_compilations": dict(compiles),
                      "forward_calls": out.rsd_stats["forward_calls"]})  # fmt: skip
         print(f"run {i}: {runs[-1]}", flush=True)
     prof = cProfile.Profile()

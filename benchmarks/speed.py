@@ -94,9 +94,9 @@ def timed(fn, repeats: int, max_warmups: int = 3) -> tuple[object, float, list[f
     batch 16 still captured one shape and took 17% longer than the third), then run `repeats` times with the
     device synchronised; (last result, median s, all s)."""
     for _ in range(max_warmups):
-        before = sum(_capture_seconds().values())
+        before = total_capture_seconds()
         res = fn()
-        if sum(_capture_seconds().values()) == before:
+        if total_capture_seconds() == before:
             break
     times = []
     for _ in range(repeats):
@@ -238,6 +238,11 @@ def _capture_seconds() -> dict:
     for role, cache in fast.kept_caches():
         out[role] = out.get(role, 0.0) + cache.capture_seconds
     return out
+
+
+def total_capture_seconds() -> float:
+    """Seconds spent capturing (and compiling) over every kept static cache."""
+    return sum(_capture_seconds().values())
 
 
 def copy_bandwidth(device, gib: float = 4.0, repeats: int = 20) -> float:

@@ -122,21 +122,16 @@ def separator_tables(criteria: StopStringCriteria) -> tuple[torch.Tensor, torch.
         ends = (holds & ((overlaps >= L) | has((L - overlaps).clamp(0, L)))).any(1)  # ends: [V']
         return after, ends
 
-    masks, rows_next, rows_ends = [0], [], []
-    while len(rows_next) < len(masks):  # breadth first over the reachable states (at most L for one string)
-        after, ends = step(masks[len(rows_next)])
-        for m in after.unique().tolist():
-            if m not in masks:
-                masks.append(m)
-        rows_next.append(after)
+    index, rows_next, rows_ends = {0: 0}, [], []  # index: state index of each reached mask
+    while len(rows_next) < len(index):  # breadth first over the reachable states (at most L for one string)
+        after, ends = step(list(index)[len(rows_next)])
+        seen, back = after.unique(return_inverse=True)  # back: [V'], each token's next mask as an index into seen
+        for m in seen.tolist():
+            index.setdefault(m, len(index))
+        rows_next.append((seen, back))
         rows_ends.append(ends)
-    index = {m: i for i, m in enumerate(masks)}
-    rows = []
-    for after in rows_next:
-        seen, back = after.unique(return_inverse=True)
-        rows.append(torch.tensor([index[m] for m in seen.tolist()])[back])
-    next_state = torch.stack(rows)  # next_state: [S, V']
-    return next_state, torch.stack(rows_ends)
+    next_state = torch.stack([torch.tensor([index[m] for m in seen.tolist()])[back] for seen, back in rows_next])
+    return next_state, torch.stack(rows_ends)  # next_state: [S, V']
 
 
 class StepSeparator:
