@@ -3,7 +3,7 @@
 Random bf16 weights of Qwen2.5-Math-1.5B's shapes, batch 1, 128-token prompt, 64 one-token forwards each.
 
     python -m rsd_generation.benchmarks.profile_step [--tokens 64] [--shapes 1.5b|7b] [--mode off|static|graphs|compile]
-        [--no-generate] [--no-attention-kernel] [--gemv] [--output FILE]
+        [--no-generate] [--no-attention-kernel] [--output FILE]
 """
 
 from __future__ import annotations
@@ -38,11 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mode", choices=MODES[1:], default="off", help="decoding path (rsd_fast_path value)")
     ap.add_argument("--no-generate", action="store_true", help="profile the RSD decode path only")
     ap.add_argument("--no-attention-kernel", action="store_true", help="SDPA instead of kernels.decode_attention")
-    ap.add_argument("--gemv", action="store_true", help="projections of a few tokens by kernels.linear")
     ap.add_argument("--output", default=None)
     args = ap.parse_args(argv)
     kernels.ATTENTION = not args.no_attention_kernel
-    kernels.GEMV = args.gemv
     shapes = QWEN_1_5B if args.shapes == "1.5b" else QWEN_7B
     tok = word_tokenizer(QWEN_1_5B["vocab_size"])
     model = random_model(shapes, 1, "cuda", torch.bfloat16)

@@ -364,24 +364,23 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     return row
 
 
-VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
-    "kernels": (True, True, False),
-    "no-attention": (True, False, False),
-    "no-kernels": (False, False, False),
-    "gemv": (True, True, True),
+VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION
+    "kernels": (True, True),
+    "no-attention": (True, False),
+    "no-kernels": (False, False),
 }
 
 
 @contextlib.contextmanager
 def kernel_variant(variant: str):
     """Run the block with `variant`'s kernels (see `VARIANTS`), on freshly captured caches; restored afterwards."""
-    before = kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
-    kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = VARIANTS[variant]
+    before = kernels.ENABLED, kernels.ATTENTION
+    kernels.ENABLED, kernels.ATTENTION = VARIANTS[variant]
     fast.release_fast_caches()
     try:
         yield
     finally:
-        kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = before
+        kernels.ENABLED, kernels.ATTENTION = before
         fast.release_fast_caches()
 
 
@@ -498,8 +497,7 @@ def parser() -> argparse.ArgumentParser:
         choices=list(VARIANTS),
         default=None,
         help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (the default "
-        "ones), no-attention (SDPA instead of the decode-attention kernel), no-kernels (eager operations), gemv "
-        "(the default ones and kernels.linear for projections of a few tokens, off by default)",
+        "ones), no-attention (SDPA instead of the decode-attention kernel), no-kernels (eager operations)",
     )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
@@ -601,7 +599,6 @@ def main(argv: list[str] | None = None) -> dict:
         "fused_projections": fast.FUSE,
         "triton_kernels": kernels.ENABLED and kernels.AVAILABLE,
         "decode_attention_kernel": kernels.ENABLED and kernels.AVAILABLE and kernels.ATTENTION,
-        "gemv_kernel": "per variant (--variants gemv)" if "gemv" in args.variants else False,
         "rows": rows,
         "complete": False,
         "command": result_command(args),

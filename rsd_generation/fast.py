@@ -25,6 +25,7 @@ Under greedy decoding the fast path gives the plain path's tokens: the same math
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 import weakref
@@ -449,7 +450,7 @@ class StaticRowCache(RowCache):
                 self._compiled = torch.compile(self._body, **COMPILE_OPTIONS)
             fn = self._compiled
         args = (buf["ids"], buf["pos"], buf["cols"], buf["last"], buf["slots"])
-        side = torch.cuda.Stream(self.device)
+        side = capture_stream(self.device)  # warm-up and capture on one stream: cuBLAS has its workspace before
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             try:  # warm-up: kernels chosen, compiled code built; writes this chunk's real K/V
@@ -467,13 +468,20 @@ class StaticRowCache(RowCache):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_out = fn(*args)
+        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+            static_out = fn(*args)  # thread_local: another thread's CUDA calls cannot invalidate this capture
         self._captured[key] = (graph, buf, static_out)
         graph.replay()  # this chunk's K/V and output from the graph's own kernels (cuBLAS may choose other ones
         torch.cuda.synchronize(self.device)  # under capture), so a width gives the same numbers on every use
         self.capture_seconds += time.perf_counter() - t0
         return static_out.clone()
+
+
+@functools.cache
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream of a device on which graphs are warmed up and captured (a cuBLAS workspace is kept per
+    stream: the warm-up allocates it, so the capture never does)."""
+    return torch.cuda.Stream(device)
 
 
 def fast_mode(mode: str | bool | None, model: nn.Module) -> str:

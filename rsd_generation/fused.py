@@ -192,7 +192,7 @@ def fused_forward(
         attn = layer.self_attn
         D, (Q, K, _) = attn.head_dim, f.sizes
         h, x = add_norm(layer.input_layernorm, x, delta, fast)
-        qkv = project(h, f.qkv, f.qkv_bias, fast)  # qkv: [N, W, Q + K + V]
+        qkv = F.linear(h, f.qkv, f.qkv_bias)  # qkv: [N, W, Q + K + V]
         o = None  # o: [N, W, Hq * D], the attention's output
         if fast and not hasattr(attn, "q_norm") and hasattr(cache, "destination") and cos.dtype == qkv.dtype:
             # one kernel rotates the queries in place and writes the rotated keys and the values to the cache
@@ -215,25 +215,10 @@ def fused_forward(
         if o is None:
             o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
             o = o.transpose(1, 2).reshape(N, W, -1)
-        h, x = add_norm(layer.post_attention_layernorm, x, apply_linear(attn.o_proj, o, fast), fast)
-        gate_up = project(h, f.gate_up, f.gate_up_bias, fast)  # gate_up: [N, W, 2 I]
-        delta = apply_linear(layer.mlp.down_proj, activate(layer.mlp.act_fn, gate_up, fast), fast)
+        h, x = add_norm(layer.post_attention_layernorm, x, attn.o_proj(o), fast)
+        gate_up = F.linear(h, f.gate_up, f.gate_up_bias)  # gate_up: [N, W, 2 I]
+        delta = layer.mlp.down_proj(activate(layer.mlp.act_fn, gate_up, fast))
     return add_norm(backbone.norm, x, delta, fast)[0]
-
-
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: bool) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; by the few-token kernel (`kernels.linear`) when `fast` and it is on."""
-    if fast and kernels.gemv_fits(x):
-        return kernels.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def apply_linear(module: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """`module(x)`, through `project` when it is a plain `nn.Linear` (others, e.g. quantized ones, run as they
-    are)."""
-    if type(module) is nn.Linear:
-        return project(x, module.weight, module.bias, fast)
-    return module(x)
 
 
 def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, ...]:

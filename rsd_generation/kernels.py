@@ -13,10 +13,10 @@ weights take to read. These kernels do per token, in one launch each, what those
 - `decode_attention`: attention of a short chunk's queries over a static cache, reading only the columns up to the
   chunk's last one, and the cache rows in place (SDPA reads all C columns of the buffers, and a gathered
   forward first copies its rows' keys and values). On an H200 it took 0.25 ms off a draft token at batch 1
-  (2.35 -> 2.10 ms) and off a target one (5.04 -> 4.80); `ATTENTION = False` turns it off;
-- `linear`: a projection of at most `MAX_GEMV_ROWS` tokens, each program streaming a block of the weight's rows
-  through every token (cuBLAS ran the draft's 4.7 MB o_proj in 6.3 us on an H200, a quarter of the bandwidth).
-  Off unless `GEMV` is set: not yet measured on a GPU.
+  (2.35 -> 2.10 ms) and off a target one (5.04 -> 4.80); `ATTENTION = False` turns it off.
+
+The projections stay cuBLAS's: a Triton GEMV of a few tokens (4 weight rows per program) made a draft token slower
+on an H200 (2.05 -> 3.01 ms at batch 1), and was removed.
 
 Each rounds where the model's own modules round (to the model's dtype after every operation they run in it). The
 results equal the eager ones within a unit of rounding (the norm sums in another order); on an H200 the compiled
@@ -45,8 +45,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tens
 ENABLED = True  # set False to keep the eager operations (benchmarks compare both)
 ATTENTION = True  # decode attention by `decode_attention` (where `ENABLED` and it fits)
 MAX_ATTENTION_QUERIES = 64  # query heads per KV head times chunk width that `decode_attention` takes in one tile
-GEMV = False  # projections of a few tokens by `linear` (where `ENABLED`); off until measured on a GPU
-MAX_GEMV_ROWS = 4  # tokens `linear` takes in one pass over the weights (more: the matrix product's own kernel)
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -56,7 +54,7 @@ def usable(x: torch.Tensor) -> bool:
         return False
     if not (x.is_cuda or (INTERPRET and x.device.type == "cpu")):
         return False
-    key = (str(x.device), x.dtype, x.shape[-1], ATTENTION, GEMV)
+    key = (str(x.device), x.dtype, x.shape[-1], ATTENTION)
     if key not in _WORKS:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return False  # not tried inside a capture (every capture is warmed up first, outside it)
@@ -64,7 +62,7 @@ def usable(x: torch.Tensor) -> bool:
     return _WORKS[key]
 
 
-_WORKS: dict[tuple, bool] = {}  # by (device, dtype, hidden size, ATTENTION, GEMV): whether the kernels ran there
+_WORKS: dict[tuple, bool] = {}  # by (device, dtype, hidden size, ATTENTION): whether the kernels ran there
 
 
 def _try_kernels(x: torch.Tensor) -> bool:
@@ -83,8 +81,6 @@ def _try_kernels(x: torch.Tensor) -> bool:
         silu_mul(torch.randn(2, 64, device=dev).to(dt))
         if ATTENTION:
             decode_attention(q, keys, values, rows, torch.zeros(1, 1, 1, 2, device=dev, dtype=dt), cols, 1.0)
-        if GEMV:
-            linear(t, torch.randn(8, H, device=dev).to(dt), torch.zeros(8, device=dev, dtype=dt))
         if x.is_cuda:
             torch.cuda.synchronize(dev)  # a launch failure surfaces here
     except Exception as e:  # any failure to build or launch: the eager operations serve instead
@@ -205,33 +201,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], I2 // 2)
 
 
-def gemv_fits(x: torch.Tensor) -> bool:
-    """Whether `linear` takes `x` `(..., K)`: `GEMV` is on and it holds at most `MAX_GEMV_ROWS` tokens."""
-    return GEMV and 0 < x.numel() // x.shape[-1] <= MAX_GEMV_ROWS
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for a few tokens (decode), reading the weights once: each program streams a
-    block of the weight's rows through all tokens, in float32, rounding once at the end (bias included).
-
-    Args:
-        x (`torch.Tensor` of shape `(..., K)`): at most `MAX_GEMV_ROWS` tokens.
-        weight (`torch.Tensor` of shape `(N, K)`), bias (`torch.Tensor` of shape `(N,)`, *optional*).
-    """
-    K, N = x.shape[-1], weight.shape[0]
-    x2 = _unit_stride(x.reshape(-1, K))  # x2: [M, K]
-    w = _unit_stride(weight)
-    M = x2.shape[0]
-    out = x2.new_empty(M, N)
-    if M:
-        block_n = 32 if INTERPRET else 4  # the interpreter pays per program (the tests run it)
-        _gemv[(triton.cdiv(N, block_n),)](
-            x2, w, w if bias is None else bias, out, M, N, K, x2.stride(0), w.stride(0),
-            HAS_BIAS=bias is not None, M_PAD=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=256, num_warps=4,
-        )  # fmt: skip
-    return out.view(*x.shape[:-1], N)
-
-
 if triton is not None:
 
     @triton.jit
@@ -262,25 +231,6 @@ if triton is not None:
         u = tl.load(GU + row * stride_gu + width + cols, mask=m, other=0.0).to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         tl.store(OUT + row * width + cols, (s * u).to(dt), mask=m)
-
-    @triton.jit
-    def _gemv(X, Wt, B, OUT, M, N, K, stride_x, stride_w, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        """BLOCK_N output features per program, for all M tokens: OUT = X Wt^T (+ B), summed in float32 over
-        blocks of K and rounded once."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
-        m = tl.arange(0, M_PAD)  # m: [M_PAD]
-        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-        for start in range(0, K, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)
-            w = tl.load(Wt + n[:, None] * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
-            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)  # [M_PAD, BLOCK_N]
-        if HAS_BIAS:
-            acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            OUT + m[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N)
-        )
 
     @triton.jit
     def _rotary_into_cache(QKV, COS, SIN, K, V, ROWS, COLS, stride_tok, stride_head, stride_cos, W, HQ, HKV,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the kernels need Triton (installed with CUDA builds of torch, and by [dev])")
 
-CHECKS = ("norm", "rotary", "silu", "attention", "gemv", "forward", "generate")
+CHECKS = ("norm", "rotary", "silu", "attention", "forward", "generate")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -139,32 +139,6 @@ def check_attention(device: str) -> None:
             torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{dtype} W={W} Hq={Hq} Hkv={Hkv} D={D}")
 
 
-def check_gemv(device: str) -> None:
-    """`linear` gives F.linear's values, within the rounding F.linear itself shows against float64 (the sums run in
-    another order), for one to four tokens, with and without a bias, widths that do not fill a block, a strided
-    input."""
-    from rsd_generation import kernels
-
-    for dtype in DTYPES:
-        shapes = [(1, 8, 64), (2, 13, 100), (3, 96, 512), (4, 37, 300)]
-        for M, N, K in shapes + [(1, 1536, 1536)] * (device == "cuda"):  # a draft's o_proj: too slow to interpret
-            torch.manual_seed(M * N + K)
-            x = torch.randn(M, 2 * K, device=device).to(dtype)[:, ::2]  # x: [M, K], elements two apart
-            w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
-            for bias in (None, torch.randn(N, device=device).to(dtype)):
-                want = x.double() @ w.double().T + (0 if bias is None else bias.double())
-                scale = want.abs().max()
-                got = kernels.linear(x, w, bias)
-                theirs = float((F.linear(x, w, bias).double() - want).abs().max() / scale)
-                ours = float((got.double() - want).abs().max() / scale)
-                assert got.shape == (M, N) and got.dtype == dtype
-                assert ours <= max(2 * theirs, 2 * torch.finfo(dtype).eps), (dtype, M, N, K, ours, theirs)
-    kernels.GEMV = True
-    assert kernels.gemv_fits(torch.zeros(1, 4, 8)) and not kernels.gemv_fits(torch.zeros(1, 5, 8))
-    kernels.GEMV = False
-    assert not kernels.gemv_fits(torch.zeros(1, 1, 8))
-
-
 def check_forward(device: str) -> None:
     """A fused static-cache forward with the kernels gives the eager one's outputs (prompts of several lengths, a
     dropped step, a gathered row, one-token steps), for Qwen2 (q/k/v biases, 16-wide heads: the attention kernel
@@ -173,29 +147,20 @@ def check_forward(device: str) -> None:
     from rsd_generation.kv import pad_right
     from rsd_generation.testing import make_lm, make_qwen3
 
-    projected, calls = kernels.linear, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return projected(*args, **kwargs)
-
-    kernels.linear = counted
     models = {"llama": lambda: make_lm("llama", 96, seed=2, mlp_bias=True), "qwen3": lambda: make_qwen3(96),
               "qwen2": lambda: make_lm("qwen2", 96, seed=3, hidden_size=64, intermediate_size=128)}  # fmt: skip
     for name, build in models.items():
         # Llama's 8-wide heads and Qwen3's q/k norms keep the attention kernel out: eager, or every other kernel
-        # (in float32 only under the interpreter, which is slow). Qwen2: with and without the attention kernel,
-        # then with the few-token projections too (their own check covers the shapes)
-        variants = [(False, False, False), (True, True, False)]
+        # (in float32 only under the interpreter, which is slow). Qwen2: with and without the attention kernel
+        variants = [(False, False), (True, True)]
         if name == "qwen2":
-            variants = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+            variants = [(False, False), (True, False), (True, True)]
         for dtype in DTYPES if name == "qwen2" or device == "cuda" else DTYPES[:1]:
             model = build().to(device, dtype)
             outs = []
-            calls.clear()
-            for enabled, attention, gemv in variants:
-                kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = enabled, attention, gemv
-                cache = fast.row_cache(model, f"kernels-{enabled}-{attention}-{gemv}", 3, 0, "static", 64)
+            for enabled, attention in variants:
+                kernels.ENABLED, kernels.ATTENTION = enabled, attention
+                cache = fast.row_cache(model, f"kernels-{enabled}-{attention}", 3, 0, "static", 64)
                 cache.feed(*pad_right([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 0))
                 cache.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool))
                 cache.drop_from(torch.tensor([True, False, True]), torch.full((3,), cache.length - 2))
@@ -205,10 +170,9 @@ def check_forward(device: str) -> None:
                 steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
-            kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = True, False, False
-            assert (len(calls) > 0) == (len(variants) == 4 and (device == "cpu" or outs[0].is_cuda)), calls
+            kernels.ENABLED, kernels.ATTENTION = True, False
             tol = 1e-4 if dtype == torch.float32 else 3e-2
-            for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention, gemv)
+            for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention)
                 torch.testing.assert_close(out, outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype} {what}")
             assert kernels.usable(outs[0]) or device == "cpu"
 
@@ -275,11 +239,7 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
                                      "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
     precision = "ieee" if dtype == "fp32" else "tf32"
-    gemv = {"X": p, "Wt": p, "B": p, "OUT": p} | {n: "i32" for n in ("M", "N", "K", "stride_x", "stride_w")}
     return {
-        "_gemv": [
-            (gemv, {"HAS_BIAS": b, "M_PAD": m, "BLOCK_N": 4, "BLOCK_K": 256}) for b in (False, True) for m in (1, 4)
-        ],
         "_add_rms_norm": [(norm, {"HAS_DELTA": d, "BLOCK": 2048}) for d in (False, True)],
         "_rotary_into_cache": [(rotary, {"HALF": 64, "BLOCK": 64})],
         "_silu_mul": [(silu, {"BLOCK": 1024})],
@@ -366,7 +326,7 @@ def test_kernels_in_the_interpreter(check):
 def test_kernels_on_the_gpu(check):
     from rsd_generation import kernels
 
-    saved = {name: getattr(kernels, name) for name in ("ENABLED", "ATTENTION", "GEMV", "linear", "decode_attention")}
+    saved = {name: getattr(kernels, name) for name in ("ENABLED", "ATTENTION", "decode_attention")}
     try:
         globals()[f"check_{check}"]("cuda")
     finally:  # the checks switch kernels on and off, and count calls: later tests get the module as it was

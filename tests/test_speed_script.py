@@ -114,13 +114,13 @@ def test_kernel_variants_are_measured_side_by_side(tmp_path, capsys):
 
     out = tmp_path / "variants.json"
     argv = ["--tiny", "--batch-sizes", "1", "--new-tokens", "8", "--prompt-tokens", "4", "--modes", "static",
-            "--variants", "kernels", "no-kernels", "no-attention", "gemv", "--no-rsd", "--no-sd", "--no-static",
+            "--variants", "kernels", "no-kernels", "no-attention", "--no-rsd", "--no-sd", "--no-static",
             "--no-assisted", "--no-generate", "--repeats", "1", "--output", str(out)]  # fmt: skip
-    before = kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
+    before = kernels.ENABLED, kernels.ATTENTION
     speed.main(argv)
-    assert before == (kernels.ENABLED, kernels.ATTENTION, kernels.GEMV)
+    assert before == (kernels.ENABLED, kernels.ATTENTION)
     modes = json.loads(out.read_text())["rows"][0]["modes"]
-    variants = ("kernels", "no-kernels", "no-attention", "gemv")
+    variants = ("kernels", "no-kernels", "no-attention")
     assert {name: m["kernels"] for name, m in modes.items()} == {f"static+{v}": v for v in variants}
     assert all(m["ms_per_forward"]["draft"] > 0 for m in modes.values())
     with pytest.raises(SystemExit):
@@ -172,3 +172,23 @@ def test_timing_warms_up_until_a_run_captures_nothing(monkeypatch):
     always = lambda: (calls.append(0), captured.__setitem__("seconds", captured["seconds"] + 1))
     speed.timed(always, 1)
     assert len(calls) == 4  # never settles: three warm-ups at most, then the timed run
+
+
+def test_gemm_forms_all_compute_the_projection():
+    """Every form `benchmarks.gemm_forms` times computes `x W^T` over every weight (the transposed ones give its
+    transpose), so the timings compare the same work."""
+    from rsd_generation.benchmarks import gemm_forms
+
+    for M in (1, 4):
+        x = torch.randn(M, 24)
+        weights = [torch.randn(40, 24) for _ in range(3)]
+        transposed = [w.t().contiguous() for w in weights]
+        forms = gemm_forms.forms(x, weights, transposed)
+        assert set(forms) == {"linear", "linear_strided_x", "x@Wt", "W@x.T"} | ({"mv"} if M == 1 else set())
+        for name, fn in forms.items():
+            outs = fn()
+            assert len(outs) == len(weights), name
+            for w, out in zip(weights, outs, strict=True):
+                want = x @ w.T
+                got = out.reshape(want.shape[1], M).T if name in ("W@x.T", "mv") else out
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
