@@ -1,5 +1,6 @@
 """Where the host time of a batched RSD run goes: what each run pays once (graph captures, Triton compilations),
-a cProfile of a steady run, and the device synchronisations by source line.
+a cProfile of a steady run, the device synchronisations by source line, and the GPU's kernels over a steady run
+(their total against the wall time: the share the GPU was busy).
 
 Random bf16 models of Qwen2.5-Math's shapes (as `benchmarks.speed`), RSD through `generate` on the `graphs` path
 with the seeded constant weighting p = 0.8, 256 new tokens in 32-token steps:
@@ -23,10 +24,12 @@ import warnings
 import torch
 import transformers
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import rsd_generation as rsd
 
 from .io import refuse_overwrite, write_json_atomic
+from .profile_step import top_ops
 from .speed import QWEN_1_5B, QWEN_7B, TINY, random_model, total_capture_seconds, word_tokenizer
 
 
@@ -69,6 +72,18 @@ def syncs_by_line(fn) -> dict[str, int]:
         if "synchroniz" in str(w.message):
             where[f"{w.filename.split('/')[-1]}:{w.lineno}"] += 1
     return dict(where.most_common())
+
+
+def device_kernels(fn, n: int) -> dict:
+    """Run `fn` under torch.profiler: wall seconds, seconds of GPU kernels (graph replays included) and their share
+    of the wall time (the rest the GPU idles, waiting on the host), and the `n` kernels first by time."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    kernel = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    top = top_ops(prof, n, "self_device_time_total")
+    return {"wall_s": wall, "kernel_s": kernel, "busy_share": kernel / wall, "top_kernels": top}
 
 
 def profile_top(prof: cProfile.Profile, key: str, n: int) -> list[dict]:
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "by_own_time": profile_top(prof, "tottime", args.top),
         "by_cumulative_time": profile_top(prof, "cumulative", args.top),
         "syncs_by_line": syncs_by_line(run) if cuda else None,
+        "device_kernels": device_kernels(run, args.top) if cuda else None,
     }
     write_json_atomic(args.output, result)
     print(f"wrote {args.output}")

@@ -25,7 +25,7 @@ from .io import write_json_atomic
 from .speed import QWEN_1_5B, QWEN_7B, random_model, word_tokenizer
 
 
-def _table(prof, n: int, key: str) -> list[dict]:
+def top_ops(prof, n: int, key: str) -> list[dict]:
     """The `n` ops with the largest `key` total (CPU or CUDA), per call and in total, in ms."""
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]
     return [{"op": e.key, "calls": e.count, "total_ms": getattr(e, key) / 1e3} for e in rows]
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         events = prof.key_averages()
         result[f"{name}_aten_ops_per_token"] = sum(e.count for e in events if e.key.startswith("aten::")) / n
         result[f"{name}_cuda_kernel_ms_per_token"] = sum(e.self_device_time_total for e in events) / 1e3 / n
-        result[f"{name}_top_cpu"] = _table(prof, 15, "self_cpu_time_total")
-        result[f"{name}_top_cuda"] = _table(prof, 25, "self_device_time_total")
+        result[f"{name}_top_cpu"] = top_ops(prof, 15, "self_cpu_time_total")
+        result[f"{name}_top_cuda"] = top_ops(prof, 25, "self_device_time_total")
         print(f"== {name}: {result[f'{name}_ms_per_token']:.2f} ms/token wall, "
               f"{result[f'{name}_cuda_kernel_ms_per_token']:.2f} ms/token in kernels, "
               f"{result[f'{name}_aten_ops_per_token']:.0f} aten ops/token", flush=True)  # fmt: skip
