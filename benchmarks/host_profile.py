@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 import rsd_generation as rsd
 
 from .io import refuse_overwrite, write_json_atomic
-from .profile_step import top_ops
+from .profile_step import kernel_events, top_ops
 from .speed import QWEN_1_5B, QWEN_7B, TINY, random_model, total_capture_seconds, word_tokenizer
 
 
@@ -81,8 +81,9 @@ def device_kernels(fn, n: int) -> dict:
         t0 = time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
-    kernel = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
-    top = top_ops(prof, n, "self_device_time_total")
+    kernels_run = kernel_events(prof)
+    kernel = sum(e.self_device_time_total for e in kernels_run) / 1e6
+    top = top_ops(kernels_run, n, "self_device_time_total")
     return {"wall_s": wall, "kernel_s": kernel, "busy_share": kernel / wall, "top_kernels": top}
 
 

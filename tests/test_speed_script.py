@@ -192,3 +192,22 @@ def test_gemm_forms_all_compute_the_projection():
                 want = x @ w.T
                 got = out.reshape(want.shape[1], M).T if name in ("W@x.T", "mv") else out
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_kernel_events_keep_only_the_gpus_kernels():
+    """A profile's operators repeat their kernels' device time: `kernel_events` keeps the kernels alone, so the
+    kernel seconds of `host_profile` and `profile_step` count each once."""
+    from types import SimpleNamespace
+
+    from rsd_generation.benchmarks.profile_step import kernel_events, top_ops
+    from torch.autograd import DeviceType
+
+    events = [
+        SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, count=2, self_device_time_total=900.0),
+        SimpleNamespace(key="gemm_kernel", device_type=DeviceType.CUDA, count=2, self_device_time_total=900.0),
+        SimpleNamespace(key="norm_kernel", device_type=DeviceType.CUDA, count=4, self_device_time_total=100.0),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    kept = kernel_events(prof)
+    assert [e.key for e in kept] == ["gemm_kernel", "norm_kernel"]
+    assert top_ops(kept, 1, "self_device_time_total") == [{"op": "gemm_kernel", "calls": 2, "total_ms": 0.9}]
