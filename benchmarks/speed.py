@@ -46,7 +46,7 @@ from transformers import (
 
 import rsd_generation as rsd
 from rsd_generation import fast, kernels
-from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step, step_separator
+from rsd_generation.decoding import CATCH_UP, RowIds, Sampling, StepRules, decode_step, step_separator
 from rsd_generation.fast import row_cache
 
 from .io import refuse_overwrite, write_json_atomic
@@ -302,11 +302,14 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     coin = args.acceptance == "coin"
     rewards = None if coin else calibration_rewards(target, draft, prm, tok, enc, args, mode)
     row["rsd"] = {}
-    cases = [(name, q, sch, None) for name, q in (("accept80", 0.2), ("accept50", 0.5)) for sch in args.schedules]
+    cases = [(name, q, sch, None, cu) for name, q in (("accept80", 0.2), ("accept50", 0.5)) for sch in args.schedules
+             for cu in args.catch_up]  # fmt: skip
     if mode != "off":  # the agreement control acts on static caches
-        cases += [("accept80", 0.2, "eager", a) for a in args.agreements]
-    for name, q, schedule, agreement in cases:
+        cases += [("accept80", 0.2, "eager", a, "lazy") for a in args.agreements]
+    for name, q, schedule, agreement, catch_up in cases:
         name = name if schedule == "eager" else f"{name}-schedule-{schedule}"
+        if catch_up != "lazy":
+            name = f"{name}-catch-up-{catch_up}"
         if agreement is not None:
             name = f"{name}-rsd-sd-gamma{args.gamma}-agreement{agreement}"
         if coin:  # ω = p for every step, u from a seeded generator: the same decisions on every run and path
@@ -317,7 +320,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             how = dict(rsd_weighting="binary")
         accepted: list[float] = []
 
-        def run(d=delta, accepted=accepted, how=how, schedule=schedule, a=agreement):
+        def run(d=delta, accepted=accepted, how=how, schedule=schedule, a=agreement, catch_up=catch_up):
             control = token_agreement(target, a, args.coin_seed) if a is not None else contextlib.nullcontext()
             with control:
                 out = target.generate(
@@ -325,7 +328,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
                     reward_model=prm, rsd_threshold=d, rsd_max_step_tokens=args.step_tokens,
                     return_dict_in_generate=True, rsd_fast_path=mode, rsd_max_batch_size=B,
                     rsd_generator=torch.Generator().manual_seed(args.coin_seed), rsd_schedule=schedule,
-                    rsd_speculative=args.gamma if a is not None else 0, **how,
+                    rsd_speculative=args.gamma if a is not None else 0, rsd_catch_up=catch_up, **how,
                 )  # fmt: skip
             accepted.append(out.rsd_stats["acceptance_rate"])
             return out
@@ -343,6 +346,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
         row["rsd"][name] = {
             "acceptance_control": "constant ω = p, seeded u" if coin else "binary ω, δ from a pilot run",
             "schedule": schedule,
+            "catch_up": catch_up,
             "token_agreement": agreement,  # None: rejected steps written by the target alone
             "ticks": st["ticks"],
             "p" if coin else "delta": delta,
@@ -508,6 +512,14 @@ def parser() -> argparse.ArgumentParser:
         type=lambda v: int(v) if v.isdigit() else v,
         default=["eager"],
         help="rsd_schedule values to measure RSD with (eager, throughput, or k rows waiting)",
+    )
+    ap.add_argument(
+        "--catch-up",
+        nargs="+",
+        choices=list(CATCH_UP),
+        default=["lazy"],
+        help="rsd_catch_up values to measure RSD with (lazy: the target catches a row up in one chunk when it next "
+        "writes for it; along: one token in each of its forwards for other rows)",
     )
     ap.add_argument(
         "--modes",

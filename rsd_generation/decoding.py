@@ -37,6 +37,9 @@ class RSDGenerateOutput(GenerateDecoderOnlyOutput):
     rsd_stats: dict | None = None
 
 
+CATCH_UP = ("lazy", "along")  # rsd_catch_up values
+
+
 @dataclass
 class RSDOptions:
     """Validated RSD options, bound to the loop by `RSDGenerationMixin.generate`."""
@@ -53,6 +56,7 @@ class RSDOptions:
     generator: torch.Generator | None
     fast_path: str | bool = "auto"
     schedule: str | int = "eager"
+    catch_up: str = "lazy"  # "along": the target's forwards feed other rows' queued tokens (see `decode_step`)
     max_batch_size: int | None = None
     speculative: int = 0  # γ of RSD∘SD (0: the target writes rejected steps alone)
 
@@ -325,11 +329,15 @@ def decode_step(
     s: Sampling,
     rules: StepRules,
     probs: list[torch.Tensor] | None = None,
+    ride: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], int, torch.Tensor]:
     """Let one policy write one step for the selected rows (others only carry masked padding).
 
     Its queued tokens are fed first (prompt, catch-up or the last committed token). The step's last token stays
-    queued, since the next step (or a rollback) decides whether it is ever needed.
+    queued, since the next step (or a rollback) decides whether it is ever needed. Rows in `ride` catch up along
+    the way: each of the step's forwards also feeds the next of their queued tokens (all but the last), so a
+    target that writes a few rows' steps catches the others up on their accepted drafts in forwards it runs
+    anyway, instead of in a later chunk padded to the longest queue.
 
     Args:
         cache (`RowCache`): the policy's cache.
@@ -337,14 +345,18 @@ def decode_step(
         rows (`torch.BoolTensor` of shape `(R,)`): rows that write a step.
         budget (`torch.LongTensor` of shape `(R,)`): new tokens each row may still generate (>= 1 where selected).
         probs (`list`, *optional*): under sampling, receives the distribution `(R, V)` each token was drawn from.
+        ride (`torch.BoolTensor` of shape `(R,)`, *optional*): unselected rows that feed queued tokens along.
     Returns:
         the step tokens per row (empty for unselected rows), the first cache column of the step (for rollback),
         and `(R,)` bools: the step ended by a user stopping criterion.
     """
     dev = cache.device
-    active = rows.cpu().nonzero().flatten()  # active: [N], the rows each one-token forward runs (see RowCache.feed)
+    writing = rows.cpu().nonzero().flatten()  # writing: [N'], the rows that write a step
     # tokens after which every row has ended, known on the host (a proposal of gamma tokens always ends there)
-    limit = min(rules.max_step_tokens, int(budget.cpu()[active].max())) if len(active) else 0
+    limit = min(rules.max_step_tokens, int(budget.cpu()[writing].max())) if len(writing) else 0
+    along, along_ok, taken = riding(cache.pending, rows.cpu(), ride, limit)  # along, along_ok: [R, F] or None
+    active = (rows.cpu() | (torch.tensor(taken) > 0)).nonzero().flatten()  # active: [N], the rows each one-token
+    # forward runs (see RowCache.feed)
     rows, budget, eos = rows.to(dev), budget.to(dev), s.eos.to(dev)
     groups = ctx.groups(cache.rows, rows, dev) if len(s.processors) or len(rules.user) else []
     ahead = getattr(cache, "run_ahead", False)  # queue each forward before the host learns whether it is needed
@@ -355,6 +367,9 @@ def decode_step(
     n = torch.zeros_like(budget)  # n: [R], tokens written this step
     step = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)  # step: [R, t], tokens written so far
     where = rules.separator.start(len(rows), dev) if rules.separator is not None else None  # where: [R]
+    if along is not None:  # on the device once (a copy per forward would wait for the device's queue)
+        along, along_ok = along.to(dev), along_ok.to(dev)
+    fed = 0  # one-token forwards run this step
     while True:
         scores = logits[:, : s.vocab]  # scores: [R, V]
         if len(s.processors):
@@ -377,17 +392,48 @@ def decode_step(
             break
         going_on.set(alive.any())
         if ahead:  # the GPU runs this forward while the host reads the flag (wasted, all rows masked, at the end)
-            logits = cache.feed(tok[:, None], alive[:, None], rows=active)
+            logits = feed_one(cache, tok, alive, along, along_ok, fed, active)
+            fed += 1
         if not going_on.get():
             break
         if not ahead:
-            logits = cache.feed(tok[:, None], alive[:, None], rows=active)
+            logits = feed_one(cache, tok, alive, along, along_ok, fed, active)
+            fed += 1
     written = step.cpu()  # one copy for every row (row by row, each would wait for the device)
     steps = [written[i, :k].tolist() for i, k in enumerate(n.tolist())]
     for i, sel in enumerate(rows.tolist()):
         if sel:
             cache.pending[i] = steps[i][-1:]
+        elif taken[i]:  # the riders' tokens the forwards fed leave their queues
+            cache.pending[i] = cache.pending[i][min(taken[i], fed) :]
     return steps, start, user_stop.cpu()
+
+
+def riding(
+    pending: list[list[int]], rows: torch.Tensor, ride: torch.Tensor | None, limit: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
+    """The queued tokens rows in `ride` (and not in `rows`) feed along a step of at most `limit` forwards: all but
+    the last of each queue (the next step needs the logits after it), at most `limit`. Returns `(ids, valid)`
+    `(R, F)` on the host (None when no row rides) and the count per row."""
+    R = len(pending)
+    if ride is None:
+        return None, None, [0] * R
+    taken = [min(len(p) - 1, limit) if bool(r) and not bool(w) else 0
+             for p, r, w in zip(pending, ride.tolist(), rows.tolist(), strict=True)]  # fmt: skip
+    if not any(taken):
+        return None, None, taken
+    ids, valid = pad_right([p[:k] for p, k in zip(pending, taken, strict=True)], 0)  # ids, valid: [R, F]
+    return ids, valid, taken
+
+
+def feed_one(cache: RowCache, tok, alive, along, along_ok, t: int, active) -> torch.Tensor:
+    """A step's one-token forward: the alive rows' new tokens `tok` `(R,)`, and the riders' `t`-th queued token
+    (`along`, `along_ok`: `(R, F)`, see `riding`)."""
+    if along is None or t >= along.shape[1]:
+        return cache.feed(tok[:, None], alive[:, None], rows=active)
+    ok = along_ok[:, t].to(alive.device)
+    ids = torch.where(ok, along[:, t].to(tok.device), tok)  # ids: [R]
+    return cache.feed(ids[:, None], (alive | ok)[:, None], rows=active)
 
 
 def sampling(generation_config: GenerationConfig, processors: LogitsProcessorList, generator, *models) -> Sampling:
@@ -639,7 +685,8 @@ def rsd_decode(
                 y = speculative_step(m, M, ctx, waiting, budget, s, rules, proposals, o.speculative)
                 stop = torch.zeros(R, dtype=torch.bool)
             else:
-                y, _, stop = decode_step(M, ctx, waiting, budget, s, rules)
+                ride = ~waiting if o.catch_up == "along" else None  # the others catch up in the same forwards
+                y, _, stop = decode_step(M, ctx, waiting, budget, s, rules, ride=ride)
             sched.done("target", t0)
             for j in waiting.nonzero().flatten().tolist():
                 i, text = int(rows[j]), o.tokenizer.decode(y[j], skip_special_tokens=True)

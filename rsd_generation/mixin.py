@@ -8,7 +8,7 @@ import functools
 import torch
 from transformers import GenerationMixin, PreTrainedModel, StoppingCriteriaList
 
-from .decoding import RSDOptions, check_prompts, rsd_decode, stop_string_criteria
+from .decoding import CATCH_UP, RSDOptions, check_prompts, rsd_decode, stop_string_criteria
 from .fast import check_fast_path
 from .rewards import RewardModel
 from .schedule import Scheduler
@@ -26,6 +26,7 @@ RSD_KWARGS = (
     "rsd_generator",
     "rsd_fast_path",
     "rsd_schedule",
+    "rsd_catch_up",
     "rsd_max_batch_size",
     "rsd_speculative",
 )
@@ -68,6 +69,11 @@ class RSDGenerationMixin(GenerationMixin):
                 a row's step is rejected; rows move in lockstep), an int k (once k rows wait, the others drafting
                 on meanwhile) or `"throughput"` (when the target would commit steps at least as fast as the draft,
                 by measured tick times). Outputs do not depend on it (greedy); speed does.
+            rsd_catch_up (`str`, default `"lazy"`): how the target catches up on a row's accepted draft steps:
+                `"lazy"` (in one chunk, when it next writes a step of that row) or `"along"` (one token in each of
+                the forwards it runs for other rows' steps: no chunk padded to the longest queue, but it also reads
+                steps of rows it may never write for). Outputs do not depend on it (greedy); speed and the target's
+                token count do.
             rsd_max_batch_size (`int`, *optional*): decode at most this many rows at once; the other prompts wait
                 in a queue and take the place of rows that finish (outputs keep the prompts' order).
             rsd_speculative (`int`, default 0): γ > 0 regenerates rejected steps by speculative decoding (paper §4):
@@ -152,6 +158,9 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         raise ValueError(f"rsd_generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
     check_fast_path(rsd.get("rsd_fast_path", "auto"), target)
     schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
+    catch_up = rsd.get("rsd_catch_up", "lazy")
+    if catch_up not in CATCH_UP:
+        raise ValueError(f"rsd_catch_up must be one of {CATCH_UP}, got {catch_up!r}")
     max_batch_size = check_int("rsd_max_batch_size", rsd.get("rsd_max_batch_size"), 1, optional=True)
     speculative = check_int("rsd_speculative", rsd.get("rsd_speculative", 0), 0, what=" (γ, 0: off)")
     reward_prompts = rsd.get("reward_prompts")
@@ -175,6 +184,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         generator=generator,
         fast_path=rsd.get("rsd_fast_path", "auto"),
         schedule=schedule,
+        catch_up=catch_up,
         max_batch_size=max_batch_size,
         speculative=speculative,
     )

@@ -75,3 +75,67 @@ def test_a_bad_schedule_is_refused_with_the_value_named(qwen_pair, prm, tok, bad
     target, draft = qwen_pair
     with pytest.raises(ValueError, match=f"rsd_schedule must be one of .* got {bad!r}"):
         rsd_generate(target, draft, prm, tok, PROMPTS, rsd_schedule=bad)
+
+
+@pytest.mark.parametrize("path", ["off", "static"])
+def test_catching_up_along_gives_the_lazy_tokens_and_decisions(qwen_pair, prm, tok, path):
+    """`rsd_catch_up="along"`: the target's forwards feed the other rows' accepted drafts one token at a time. The
+    tokens and decisions are the lazy catch-up's (greedy), under the eager schedule and with rows waiting; the
+    target runs no more forwards, and processes more tokens (it also reads steps of rows it never writes for)."""
+    target, draft = qwen_pair
+    # seeded coins over many short steps: rows that rode along are rejected later, so their context is read
+    kw = dict(rsd_weighting="constant", rsd_weighting_kwargs={"p": 0.5}, max_new_tokens=32, rsd_fast_path=path,
+              rsd_max_step_tokens=4)  # fmt: skip
+    for schedule in ("eager", 2):
+        runs = {
+            catch_up: rsd_generate(target, draft, prm, tok, MORE, rsd_schedule=schedule, rsd_catch_up=catch_up,
+                                   rsd_generator=torch.Generator().manual_seed(5), **kw)
+            for catch_up in ("lazy", "along")
+        }  # fmt: skip
+        lazy, along = runs["lazy"], runs["along"]
+        assert torch.equal(along.sequences, lazy.sequences)
+        assert _steps(along) == _steps(lazy)
+        decisions = [a for row in _steps(lazy) for _, src, a in row if src == "draft"]
+        assert any(decisions) and not all(decisions), "the threshold must mix accepted and rejected steps"
+        a, b = along.rsd_stats, lazy.rsd_stats
+        assert a["forward_calls"]["target"] <= b["forward_calls"]["target"]
+        assert a["forward_tokens"]["target"] > b["forward_tokens"]["target"]  # the riders were fed
+
+
+def test_catching_up_along_cuts_the_targets_padding_at_batch_64():
+    """At 64 rows the lazy catch-up pads each chunk to its longest queue; fed along, most of that padding goes
+    (tiny random models of the speed benchmark's layout, seeded coin acceptance, the same tokens either way)."""
+    from rsd_generation.benchmarks.speed import QWEN_1_5B, QWEN_7B, TINY, random_model, word_tokenizer
+    from torch import nn
+
+    import rsd_generation as rsd
+
+    small = {**QWEN_1_5B, **TINY, "vocab_size": 2000}
+    big = {**QWEN_7B, **TINY, "hidden_size": 128, "vocab_size": 2000}
+    words = word_tokenizer(small["vocab_size"])
+    draft, target = random_model(small, 1, "cpu", torch.float32), random_model(big, 2, "cpu", torch.float32)
+    reward = rsd.ValueHeadPRM(random_model(small, 3, "cpu", torch.float32).model, nn.Linear(64, 1), words, "b")
+    prompts = torch.randint(1, 1000, (64, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for catch_up in ("lazy", "along"):
+        runs[catch_up] = target.generate(
+            input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=128, min_new_tokens=128,
+            do_sample=False, tokenizer=words, assistant_model=draft, reward_model=reward, rsd_max_step_tokens=32,
+            return_dict_in_generate=True, rsd_fast_path="static", rsd_generator=torch.Generator().manual_seed(16),
+            rsd_weighting="constant", rsd_weighting_kwargs={"p": 0.8}, rsd_catch_up=catch_up,
+        )  # fmt: skip
+    lazy, along = runs["lazy"], runs["along"]
+    assert torch.equal(along.sequences, lazy.sequences)
+    pad_lazy, pad_along = lazy.rsd_stats["padded_tokens"]["target"], along.rsd_stats["padded_tokens"]["target"]
+    assert pad_along < 0.6 * pad_lazy, (pad_along, pad_lazy)
+    total = {
+        k: r.rsd_stats["padded_tokens"]["target"] + r.rsd_stats["forward_tokens"]["target"] for k, r in runs.items()
+    }
+    assert total["along"] < total["lazy"], total  # fewer positions in all, padding and real
+
+
+@pytest.mark.parametrize("bad", ["eager", "", None, 1])
+def test_a_bad_catch_up_is_refused_with_the_value_named(qwen_pair, prm, tok, bad):
+    target, draft = qwen_pair
+    with pytest.raises(ValueError, match=f"rsd_catch_up must be one of .* got {bad!r}"):
+        rsd_generate(target, draft, prm, tok, PROMPTS, rsd_catch_up=bad)

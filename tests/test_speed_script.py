@@ -48,11 +48,14 @@ def test_a_queue_run_appends_its_rows(tmp_path):
               "--no-static", "--no-assisted", "--repeats", "1", "--baseline-repeats", "1",
               "--output", str(out)]  # fmt: skip
     speed.main(["--batch-sizes", "1", *common])
-    speed.main(["--batch-sizes", "2", "--queue-prompts", "4", "--append", *common])
+    speed.main(["--batch-sizes", "2", "--queue-prompts", "4", "--catch-up", "lazy", "along", "--append", *common])
     first, queued = json.loads(out.read_text())["rows"]
     assert (first["batch_size"], first["prompts"]) == (1, 1) and (queued["batch_size"], queued["prompts"]) == (2, 4)
     assert "--queue-prompts 4" in queued["command"] and "--queue-prompts" not in first["command"]
     rsd = queued["modes"]["static"]["rsd"]["accept80"]
+    along = queued["modes"]["static"]["rsd"]["accept80-catch-up-along"]  # --catch-up: both, side by side
+    assert (rsd["catch_up"], along["catch_up"]) == ("lazy", "along")
+    assert along["acceptance_rate"] == rsd["acceptance_rate"] and along["forward_calls"] == rsd["forward_calls"]
     assert rsd["tokens_per_s"] == 4 * 16 / rsd["seconds"]
     assert rsd["forward_calls"]["target"] > 0
     data = json.loads(out.read_text())
