@@ -6,7 +6,9 @@ side by side in one run, at each batch size:
 - per decoding path (`--modes`: "off" = eager dynamic caches, "graphs" = static caches with CUDA-graph-captured
   forwards, "compile" = graphs with the one-token forward compiled first): ms per one-token forward of the draft
   and the target, ms per PRM step, the target decoding alone on that path, and RSD end to end (tokens/s) at both
-  acceptance levels, with the cost model's prediction from the per-component times and measured / predicted;
+  acceptance levels, with the cost model's prediction from the per-component times and measured / predicted
+  (`predicted_seconds`: every forward at its one-token cost; `predicted_seconds_with_chunks` adds each position of
+  the forwards wider than one token, prefills and catch-up chunks, at the measured prefill's cost per position);
 - stock `target.generate` (eager), `target.generate` with a static cache (transformers compiles it), and
   transformers assisted generation (batch 1 only);
 - speedups of RSD over the best target-only decoding among all of these, and over stock eager `generate`.
@@ -232,6 +234,19 @@ def device_time_by_shape(models: dict, fallback_ms: dict, n: int = 10) -> dict |
     return out
 
 
+def chunk_positions(models: dict) -> dict | None:
+    """Per model role, the token positions (padding included) of the forwards wider than one token that its kept
+    static cache ran in the last run: prefills, catch-up chunks, verifications. None on the eager path."""
+    out: dict = {}
+    for role, model in models.items():
+        cache = fast.kept_cache(model, role)
+        if cache is None:
+            return None
+        out[role] = sum((rows or cache.batch_size) * width * count
+                        for (rows, width, _, _), count in cache.shapes.items() if width > 1)  # fmt: skip
+    return out
+
+
 def _capture_seconds() -> dict:
     """Seconds spent capturing (and compiling) per kept static cache, by model role."""
     out: dict = {}
@@ -290,6 +305,12 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     row["floor_ms"] = {role: floor_ms(model, B, columns, args.bandwidth) for model, role in models}
     row["ms_per_forward_over_floor"] = {role: row["ms_per_forward"][role] / row["floor_ms"][role] for role in runs}
     row["target_alone_seconds"] = statistics.median(sum(c[0] for c in r) for r in runs["target"])
+    # a prefill's cost beyond one forward, per position: what the cost model charges a chunk's positions
+    positions = len(chunks[0]) * args.prompt_tokens
+    row["ms_per_prefill_position"] = {
+        role: statistics.median(max(0.0, r[0][0] * 1e3 - N * r[0][1]) for r in v) / positions
+        for role, v in runs.items()
+    }
     row["ms_per_graph_replay"] = {role: ms_per_replay(model, role) for model, role in models}
     row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, chunks[0], args.step_tokens, R, mode, 2 * N + 64)
     print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (floor {row['floor_ms']}; graph replay alone "
@@ -343,6 +364,10 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             + calls["target"] * row["ms_per_forward"]["target"]
             + calls["reward"] * row["ms_per_prm_step"]
         ) / 1e3
+        wide = chunk_positions({"draft": draft, "target": target})
+        with_chunks = None
+        if wide is not None:
+            with_chunks = predicted + sum(wide[r] * row["ms_per_prefill_position"][r] for r in wide) / 1e3
         row["rsd"][name] = {
             "acceptance_control": "constant ω = p, seeded u" if coin else "binary ω, δ from a pilot run",
             "schedule": schedule,
@@ -359,6 +384,10 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             "prm_calls": st["prm_calls"],
             "predicted_seconds": predicted,
             "measured_over_predicted": t / predicted,
+            # the same, plus each position of the forwards wider than one token at the prefill's cost per position
+            "chunk_positions": wide,
+            "predicted_seconds_with_chunks": with_chunks,
+            "measured_over_predicted_with_chunks": t / with_chunks if with_chunks else None,
             # the same model over the forwards' real shapes (graph replays): what is left over is host time
             "device_time_by_shape": by_shape,
             "measured_over_device_time": t / by_shape["seconds"] if by_shape else None,

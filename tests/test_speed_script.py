@@ -30,10 +30,15 @@ def test_speed_script_writes_its_results(tmp_path):
     for r in rsd.values():
         assert r["speedup_vs_best_target_only"] == row["target_only_seconds"][row["best_target_only"]] / r["seconds"]
         assert r["measured_over_predicted"] > 0
+        wide, per = r["chunk_positions"], row["modes"]["static"]["ms_per_prefill_position"]
+        assert wide["target"] >= 8 and wide["draft"] >= 8  # one prompt of 8 tokens, prefilled by each at least
+        extra = sum(wide[role] * per[role] for role in ("draft", "target")) / 1e3
+        assert r["predicted_seconds_with_chunks"] == pytest.approx(r["predicted_seconds"] + extra)
         shapes = r["device_time_by_shape"]  # the forwards by shape add up to the forwards the run made
         assert shapes["forwards"] == r["forward_calls"] and shapes["eager_forwards"] == r["forward_calls"]  # CPU
     assert row["best_target_only"] in ("target_alone_static", "target_generate_eager")
     static = row["modes"]["static"]
+    assert all(v >= 0 for v in static["ms_per_prefill_position"].values())
     for role in ("draft", "target"):  # per forward against what it must read, at the bandwidth measured in the run
         assert static["floor_ms"][role] > 0
         assert static["ms_per_forward_over_floor"][role] == static["ms_per_forward"][role] / static["floor_ms"][role]
