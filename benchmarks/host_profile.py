@@ -7,7 +7,9 @@ with the seeded constant weighting p = 0.8, 256 new tokens in 32-token steps:
 
     python -m rsd_generation.benchmarks.host_profile --batch-size 16 --runs 5 --output FILE
 
-`--tiny` runs tiny shapes on the CPU (static path, no synchronisation count), to check the script itself.
+Each run also records each model's forward calls, tokens, padded positions and positions in forwards wider than
+one token (`--catch-up along`: the runs use `rsd_catch_up="along"`). `--tiny` runs tiny shapes on the CPU (static
+path, 8-token prompts, no synchronisation count), to check the script itself or to count those positions.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import rsd_generation as rsd
+from rsd_generation.decoding import CATCH_UP
 
 from .io import refuse_overwrite, write_json_atomic
 from .profile_step import kernel_events, top_ops
-from .speed import QWEN_1_5B, QWEN_7B, TINY, random_model, total_capture_seconds, word_tokenizer
+from .speed import QWEN_1_5B, QWEN_7B, TINY, chunk_positions, random_model, total_capture_seconds, word_tokenizer
 
 
 @contextlib.contextmanager
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--top", type=int, default=30, help="functions listed per cProfile ordering")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, for checking the script itself")
+    ap.add_argument("--catch-up", choices=list(CATCH_UP), default="lazy", help="rsd_catch_up of the runs")
     ap.add_argument("--output", required=True)
     ap.add_argument("--force", action="store_true", help="replace an existing output")
     args = ap.parse_args(argv)
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             assistant_model=draft, reward_model=prm, rsd_threshold=0.8, rsd_max_step_tokens=32,
             return_dict_in_generate=True, rsd_fast_path=mode, rsd_max_batch_size=args.batch_size,
             rsd_generator=torch.Generator().manual_seed(16), rsd_weighting="constant", rsd_weighting_kwargs={"p": 0.8},
+            rsd_catch_up=args.catch_up,
         )  # fmt: skip
         if cuda:
             torch.cuda.synchronize()
@@ -146,8 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
         with counting_triton_compilations(compiles):
             out = run()
         seconds, capture = time.perf_counter() - t0, total_capture_seconds() - before
+        st = out.rsd_stats
         runs.append({"seconds": seconds, "capture_seconds": capture, "triton_compilations": dict(compiles),
-                     "forward_calls": out.rsd_stats["forward_calls"]})  # fmt: skip
+                     "forward_calls": st["forward_calls"], "forward_tokens": st["forward_tokens"],
+                     "padded_tokens": st["padded_tokens"],
+                     "chunk_positions": chunk_positions({"draft": draft, "target": target})})  # fmt: skip
         print(f"run {i}: {runs[-1]}", flush=True)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m rsd_generation.benchmarks.host_profile "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "batch_size": args.batch_size,
+        "catch_up": args.catch_up,
         "path": mode,
         "runs": runs,
         "profiled_run_seconds": time.perf_counter() - t0,

@@ -146,9 +146,13 @@ def test_the_host_profile_script_records_each_run_and_refuses_to_overwrite(tmp_p
     host_profile.main(argv)
     result = json.loads(out.read_text())
     assert [set(r) for r in result["runs"]] == [
-        {"seconds", "capture_seconds", "triton_compilations", "forward_calls"}
-    ] * 2
-    assert result["runs"][0]["forward_calls"] == result["runs"][1]["forward_calls"]  # the same seeded decisions
+        {"seconds", "capture_seconds", "triton_compilations", "forward_calls", "forward_tokens", "padded_tokens",
+         "chunk_positions"}
+    ] * 2  # fmt: skip
+    first, second = result["runs"]
+    for key in ("forward_calls", "forward_tokens", "padded_tokens", "chunk_positions"):
+        assert first[key] == second[key], key  # the same seeded decisions, the same work
+    assert first["chunk_positions"]["draft"] >= 2 * 8  # the draft prefilled two 8-token prompts at least
     assert result["runs"][0]["forward_calls"]["draft"] > 0
     assert len(result["by_own_time"]) == 5 and result["by_cumulative_time"][0]["cumtime_s"] > 0
     assert result["syncs_by_line"] is None  # counted on a GPU only
