@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -118,3 +119,22 @@ def skywork_reference(
     with torch.no_grad():
         h = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, positions]
     return torch.sigmoid(h @ v_head["v_head.summary.weight"].T + v_head["v_head.summary.bias"]).squeeze(-1).tolist()
+
+
+# the decoding paths a test runs on: the graph path only where there is a GPU (it says so where not)
+PATHS = ["off", "static", pytest.param("graphs", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs a CUDA GPU"))]  # fmt: skip
+
+
+def on_device(pair, path: str) -> tuple:
+    """The models, copied to the GPU for the graph path (the session's models stay where they are)."""
+    return tuple(copy.deepcopy(m).to("cuda") for m in pair) if path == "graphs" else pair
+
+
+def prm_on_device(prm, path: str):
+    """The reward model on the GPU for the graph path."""
+    if path != "graphs":
+        return prm
+    prm = copy.copy(prm)
+    prm.backbone, prm.head = copy.deepcopy(prm.backbone).to("cuda"), copy.deepcopy(prm.head).to("cuda")
+    return prm

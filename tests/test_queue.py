@@ -1,29 +1,11 @@
 """A refilling queue (rsd_max_batch_size): at most k rows decode at once, finished rows hand their slot to the next
 prompt, and every row gets what it gets in one full batch (greedy), in prompt order, on every cache."""
 
-import copy
-
 import pytest
 import torch
-from conftest import encode, median_reward, rsd_generate
+from conftest import PATHS, encode, median_reward, on_device, prm_on_device, rsd_generate
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PATHS = ["off", "static", pytest.param("graphs", marks=pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU"))]
 PROMPTS = ["1+2=", "12*3+45-6=", "7*8=", "99-8*7=", "4+4+4+4=", "6/3="]  # rows of different lengths
-
-
-def _on_device(pair, path: str) -> tuple:
-    """The models, copied to the GPU for the graph path (the session's models stay where they are)."""
-    return tuple(copy.deepcopy(m).to("cuda") for m in pair) if path == "graphs" else pair
-
-
-def _prm_on_device(prm, path: str):
-    """The reward model on the GPU for the graph path."""
-    if path != "graphs":
-        return prm
-    prm = copy.copy(prm)
-    prm.backbone, prm.head = copy.deepcopy(prm.backbone).to("cuda"), copy.deepcopy(prm.head).to("cuda")
-    return prm
 
 
 def _steps(out) -> list:
@@ -33,8 +15,8 @@ def _steps(out) -> list:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("slots", [1, 2, 4])
 def test_a_queue_gives_what_the_full_batch_gives(qwen_pair, prm, tok, path, slots):
-    target, draft = _on_device(qwen_pair, path)
-    prm = _prm_on_device(prm, path)
+    target, draft = on_device(qwen_pair, path)
+    prm = prm_on_device(prm, path)
     delta = median_reward(target, draft, prm, tok, PROMPTS)
     kw = dict(rsd_threshold=delta, max_new_tokens=32, rsd_fast_path=path, rsd_max_step_tokens=5)
     full = rsd_generate(target, draft, prm, tok, PROMPTS, **kw)
@@ -52,8 +34,8 @@ def test_a_queue_gives_what_the_full_batch_gives(qwen_pair, prm, tok, path, slot
 
 @pytest.mark.parametrize("path", PATHS)
 def test_limits_hold_through_a_queue(qwen_pair, prm, tok, path):
-    target, draft = _on_device(qwen_pair, path)
-    prm = _prm_on_device(prm, path)
+    target, draft = on_device(qwen_pair, path)
+    prm = prm_on_device(prm, path)
     enc = encode(tok, PROMPTS).to(target.device)
     for delta, reference in ((0.0, draft), (1.5, target)):
         out = rsd_generate(target, draft, prm, tok, PROMPTS, rsd_threshold=delta, rsd_max_batch_size=2,

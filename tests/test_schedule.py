@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PROMPTS, encode, median_reward, rsd_generate
+from conftest import PATHS, PROMPTS, encode, median_reward, on_device, prm_on_device, rsd_generate
 
 from rsd_generation.schedule import Scheduler
 
@@ -77,12 +77,13 @@ def test_a_bad_schedule_is_refused_with_the_value_named(qwen_pair, prm, tok, bad
         rsd_generate(target, draft, prm, tok, PROMPTS, rsd_schedule=bad)
 
 
-@pytest.mark.parametrize("path", ["off", "static"])
+@pytest.mark.parametrize("path", PATHS)
 def test_catching_up_along_gives_the_lazy_tokens_and_decisions(qwen_pair, prm, tok, path):
     """`rsd_catch_up="along"`: the target's forwards feed the other rows' accepted drafts one token at a time. The
     tokens and decisions are the lazy catch-up's (greedy), under the eager schedule and with rows waiting; the
     target runs no more forwards, and processes more tokens (it also reads steps of rows it never writes for)."""
-    target, draft = qwen_pair
+    target, draft = on_device(qwen_pair, path)
+    prm = prm_on_device(prm, path)
     # seeded coins over many short steps: rows that rode along are rejected later, so their context is read
     kw = dict(rsd_weighting="constant", rsd_weighting_kwargs={"p": 0.5}, max_new_tokens=32, rsd_fast_path=path,
               rsd_max_step_tokens=4)  # fmt: skip
