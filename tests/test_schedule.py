@@ -103,6 +103,22 @@ def test_catching_up_along_gives_the_lazy_tokens_and_decisions(qwen_pair, prm, t
         assert a["forward_tokens"]["target"] > b["forward_tokens"]["target"]  # the riders were fed
 
 
+def test_catching_up_along_samples_what_lazy_samples(qwen_pair, prm, tok):
+    """Under sampling with one shared generator, riders draw nothing of their own (their picks are discarded, as
+    a masked row's are), so the sampled tokens and decisions are the lazy catch-up's."""
+    target, draft = qwen_pair
+    runs = {
+        catch_up: rsd_generate(target, draft, prm, tok, MORE, rsd_weighting="constant", rsd_weighting_kwargs={"p": 0.5},
+                               max_new_tokens=32, rsd_max_step_tokens=4, do_sample=True, temperature=1.0,
+                               rsd_generator=torch.Generator().manual_seed(7), rsd_catch_up=catch_up)
+        for catch_up in ("lazy", "along")
+    }  # fmt: skip
+    lazy, along = runs["lazy"], runs["along"]
+    assert torch.equal(along.sequences, lazy.sequences)
+    assert _steps(along) == _steps(lazy)
+    assert along.rsd_stats["forward_tokens"]["target"] > lazy.rsd_stats["forward_tokens"]["target"]  # riders fed
+
+
 def test_catching_up_along_cuts_the_targets_padding_at_batch_64():
     """At 64 rows the lazy catch-up pads each chunk to its longest queue; fed along, most of that padding goes
     (tiny random models of the speed benchmark's layout, seeded coin acceptance, the same tokens either way)."""
