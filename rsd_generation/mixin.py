@@ -73,7 +73,7 @@ class RSDGenerationMixin(GenerationMixin):
                 `"lazy"` (in one chunk, when it next writes a step of that row) or `"along"` (one token in each of
                 the forwards it runs for other rows' steps: no chunk padded to the longest queue, but it also reads
                 steps of rows it may never write for). Outputs do not depend on it; speed and the target's token
-                count do. With `rsd_speculative` the rejected steps are verified chunks, and the catch-up is lazy.
+                count do. Where `rsd_speculative` regenerates the rejected steps, the catch-up stays lazy.
             rsd_max_batch_size (`int`, *optional*): decode at most this many rows at once; the other prompts wait
                 in a queue and take the place of rows that finish (outputs keep the prompts' order).
             rsd_speculative (`int`, default 0): γ > 0 regenerates rejected steps by speculative decoding (paper §4):
