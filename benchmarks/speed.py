@@ -312,6 +312,8 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
         for role, v in runs.items()
     }
     row["ms_per_graph_replay"] = {role: ms_per_replay(model, role) for model, role in models}
+    # per (device, dtype, out, in, bias) of the one-token projections so far: the GEMV's configuration, or None
+    row["gemv_choices"] = {str(k[2:]): v for k, v in kernels.gemv_choices().items()}
     row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, chunks[0], args.step_tokens, R, mode, 2 * N + 64)
     print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (floor {row['floor_ms']}; graph replay alone "
           f"{row['ms_per_graph_replay']}), "
@@ -397,23 +399,24 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     return row
 
 
-VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION
-    "kernels": (True, True),
-    "no-attention": (True, False),
-    "no-kernels": (False, False),
+VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
+    "kernels": (True, True, True),
+    "no-gemv": (True, True, False),
+    "no-attention": (True, False, True),
+    "no-kernels": (False, False, False),
 }
 
 
 @contextlib.contextmanager
 def kernel_variant(variant: str):
     """Run the block with `variant`'s kernels (see `VARIANTS`), on freshly captured caches; restored afterwards."""
-    before = kernels.ENABLED, kernels.ATTENTION
-    kernels.ENABLED, kernels.ATTENTION = VARIANTS[variant]
+    before = kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
+    kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = VARIANTS[variant]
     fast.release_fast_caches()
     try:
         yield
     finally:
-        kernels.ENABLED, kernels.ATTENTION = before
+        kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = before
         fast.release_fast_caches()
 
 
@@ -530,7 +533,8 @@ def parser() -> argparse.ArgumentParser:
         choices=list(VARIANTS),
         default=None,
         help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (the default "
-        "ones), no-attention (SDPA instead of the decode-attention kernel), no-kernels (eager operations)",
+        "ones), no-gemv (cuBLAS for every projection), no-attention (SDPA instead of the decode-attention kernel), "
+        "no-kernels (eager operations)",
     )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")
     ap.add_argument("--no-sd", action="store_true", help="skip rsd.speculative_generate (batched SD)")
@@ -640,6 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fused_projections": fast.FUSE,
         "triton_kernels": kernels.ENABLED and kernels.AVAILABLE,
         "decode_attention_kernel": kernels.ENABLED and kernels.AVAILABLE and kernels.ATTENTION,
+        "gemv": kernels.ENABLED and kernels.AVAILABLE and kernels.GEMV,
         "rows": rows,
         "complete": False,
         "command": result_command(args),

@@ -15,8 +15,12 @@ weights take to read. These kernels do per token, in one launch each, what those
   forward first copies its rows' keys and values). On an H200 it took 0.25 ms off a draft token at batch 1
   (2.35 -> 2.10 ms) and off a target one (5.04 -> 4.80); `ATTENTION = False` turns it off.
 
-The projections stay cuBLAS's: a Triton GEMV of a few tokens (4 weight rows per program) made a draft token slower
-on an H200 (2.05 -> 3.01 ms at batch 1), and was removed.
+- `linear`: a one-token projection by `gemv` where, for that weight's shape on this device, it measured faster
+  than cuBLAS (timed once per shape at first use, outside any capture, over enough weight copies that they come
+  from memory and not from L2); cuBLAS everywhere else. cuBLAS runs the draft's small projections at a fraction of
+  the bandwidth on an H200 (its 4.7 MB o_proj in 6.2 µs, 1.1 µs of weight reads). An earlier GEMV (4 weight rows
+  and 256 columns per program, every shape) made a draft token slower (2.05 -> 3.01 ms) and was removed; this one
+  streams whole rows in blocks a configuration sweep chose, and only where it wins.
 
 Each rounds where the model's own modules round (to the model's dtype after every operation they run in it). The
 results equal the eager ones within a unit of rounding (the norm sums in another order); on an H200 the compiled
@@ -33,6 +37,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -45,6 +50,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tens
 ENABLED = True  # set False to keep the eager operations (benchmarks compare both)
 ATTENTION = True  # decode attention by `decode_attention` (where `ENABLED` and it fits)
 MAX_ATTENTION_QUERIES = 64  # query heads per KV head times chunk width that `decode_attention` takes in one tile
+GEMV = True  # one-token projections by `gemv` where it measured faster than cuBLAS (see `linear`)
+# (BLOCK_N weight rows, BLOCK_K columns per load, warps, pipeline stages) tried per weight shape
+GEMV_CONFIGS: tuple[tuple[int, int, int, int], ...] = ((8, 512, 4, 3), (4, 1024, 4, 3), (16, 256, 4, 4), (8, 256, 4, 4))
+MAX_GEMV_BYTES = 64 << 20  # larger weights stay cuBLAS's (it streams them near the bandwidth)
+GEMV_MIN_GAIN = 0.9  # `gemv` is chosen where it takes at most this share of cuBLAS's time
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -190,6 +200,89 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out.view(N, W, Hq * D)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; one token `(..., K)` by `gemv` where `gemv_choice` measured it faster."""
+    if GEMV and ENABLED and x.numel() == x.shape[-1] and weight.numel() * weight.element_size() <= MAX_GEMV_BYTES:
+        config = gemv_choice(x, weight, bias)
+        if config is not None:
+            return gemv(x, weight, bias, config)
+    return F.linear(x, weight, bias)
+
+
+_GEMV_CHOICE: dict[tuple, tuple | None] = {}  # by (device, dtype, N, K, bias): a `GEMV_CONFIGS` entry, None: cuBLAS
+
+
+def gemv_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
+    """The fastest of `GEMV_CONFIGS` for one token times `weight` `(N, K)` on x's device, or None where cuBLAS is
+    faster (by `GEMV_MIN_GAIN`), is not CUDA, or nothing was measured yet and a graph is being captured. Measured
+    once per shape: each candidate runs over copies of the weight adding up to more than the L2 cache, in a CUDA
+    graph, against `F.linear` the same way."""
+    key = (str(x.device), x.dtype, *weight.shape, bias is not None)
+    if key not in _GEMV_CHOICE:
+        if not x.is_cuda or not AVAILABLE or torch.cuda.is_current_stream_capturing():
+            return None
+        _GEMV_CHOICE[key] = _measure_gemv(x.reshape(1, -1), weight, bias)
+    return _GEMV_CHOICE[key]
+
+
+def gemv_choices() -> dict[tuple, tuple | None]:
+    """What `gemv_choice` measured so far: (device, dtype, N, K, bias) -> configuration, or None for cuBLAS."""
+    return dict(_GEMV_CHOICE)
+
+
+def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
+    """`gemv_choice`'s timing (on a side stream: the caller may be warming a capture up on its own)."""
+    size = weight.numel() * weight.element_size()
+    copies = [weight.clone() for _ in range(max(2, min(28, -(-(256 << 20) // size))))]  # beyond a 50 MB L2
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    times = {None: _graph_seconds(lambda: [F.linear(x, w, bias) for w in copies], x.device)}
+    for config in GEMV_CONFIGS:
+        try:
+            times[config] = _graph_seconds(lambda c=config: [gemv(x, w, bias, c, out) for w in copies], x.device)
+        except Exception:  # a configuration Triton cannot build here
+            continue
+    best = min(times, key=lambda c: times[c])
+    return best if best is not None and times[best] <= GEMV_MIN_GAIN * times[None] else None
+
+
+def _graph_seconds(fn, device: torch.device, replays: int = 3) -> float:
+    """The best of `replays` replays of `fn` captured as a CUDA graph (warmed up first), in seconds."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+        best = float("inf")
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(side)
+            graph.replay()
+            end.record(side)
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+    torch.cuda.current_stream(device).wait_stream(side)
+    return best
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
+         out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """One token times a weight: `F.linear(x, weight, bias)` for `x` `(..., K)` holding one token, each program
+    streaming `BLOCK_N` rows of `weight` `(N, K)` in blocks of `BLOCK_K` columns, summed in float32 and rounded once
+    (bias included). `config`: `(BLOCK_N, BLOCK_K, num_warps, num_stages)`, as in `GEMV_CONFIGS`."""
+    N, K = weight.shape
+    x1 = _unit_stride(x.reshape(1, K))
+    w = _unit_stride(weight)
+    out = x1.new_empty(1, N) if out is None else out
+    block_n, block_k, warps, stages = config
+    _gemv[(triton.cdiv(N, block_n),)](
+        x1, w, w if bias is None else bias, out, N, K, w.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], N)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for `gate_up = cat(gate, up)` `(..., 2 I)`: `(..., I)`, each operation rounded to its dtype."""
     I2 = gate_up.shape[-1]
@@ -219,6 +312,23 @@ if triton is not None:
         y = (xf * inv).to(X.dtype.element_ty)
         w = tl.load(Wt + cols, mask=m, other=0.0)
         tl.store(OUT + row * H + cols, (w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gemv(X, Wt, B, OUT, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_N output features per program: OUT = X Wt^T (+ B) for one token, products summed in float32 per
+        lane over the blocks of K, then across lanes, rounded once."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            w = tl.load(Wt + n[:, None] * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
+            x = tl.load(X + k, mask=k < K, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, 1)  # y: [BLOCK_N]
+        if HAS_BIAS:
+            y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)
+        tl.store(OUT + n, y.to(OUT.dtype.element_ty), mask=n < N)
 
     @triton.jit
     def _silu_mul(GU, OUT, width, stride_gu, BLOCK: tl.constexpr):

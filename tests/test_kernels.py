@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the kernels need Triton (installed with CUDA builds of torch, and by [dev])")
 
-CHECKS = ("norm", "rotary", "silu", "attention", "forward", "generate")
+CHECKS = ("norm", "rotary", "silu", "gemv", "attention", "forward", "generate")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -100,6 +100,45 @@ def check_silu(device: str) -> None:
             _assert_ulps(kernels.silu_mul(gate_up), F.silu(gate) * up, 1 if dtype == torch.bfloat16 else 4, width)
 
 
+def check_gemv(device: str) -> None:
+    """`gemv` gives `F.linear`'s one-token product within a unit of rounding (float32 sums in another order) in
+    every configuration tried, with and without a bias, for shapes that leave partial blocks of rows and columns;
+    `linear` takes it only for one token and where `gemv_choice` chose it, cuBLAS otherwise; on a GPU the choice is
+    measured once per shape and is one of the configurations or cuBLAS."""
+    from rsd_generation import kernels
+
+    calls = []
+    real = kernels.gemv
+    kernels.gemv = lambda *a, **k: calls.append(a[3]) or real(*a, **k)
+    for dtype in DTYPES:
+        for N, K in ((40, 300), (64, 1024), (7, 520)):
+            torch.manual_seed(N * K)
+            weight = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+            bias = torch.randn(N, device=device).to(dtype)
+            x = torch.randn(1, 1, K, device=device).to(dtype)
+            for b in (None, bias):
+                want = F.linear(x.double(), weight.double(), None if b is None else b.double()).to(dtype)
+                for config in kernels.GEMV_CONFIGS:
+                    _assert_ulps(real(x, weight, b, config), want, 1 if dtype == torch.bfloat16 else 16, (N, K), True)
+                chosen = kernels.GEMV_CONFIGS[1]
+                kernels._GEMV_CHOICE[(str(x.device), dtype, N, K, b is not None)] = chosen
+                calls.clear()
+                _assert_ulps(kernels.linear(x, weight, b), want, 1 if dtype == torch.bfloat16 else 16, N, True)
+                assert calls == [chosen]
+                two = torch.randn(2, K, device=device).to(dtype)  # two tokens: cuBLAS's product
+                torch.testing.assert_close(kernels.linear(two, weight, b), F.linear(two, weight, b))
+                assert calls == [chosen]
+    kernels._GEMV_CHOICE.clear()
+    if device == "cuda":
+        weight = torch.randn(1536, 1536, device=device, dtype=torch.bfloat16)
+        x = torch.randn(1, 1536, device=device, dtype=torch.bfloat16)
+        choice = kernels.gemv_choice(x, weight, None)
+        assert choice is None or choice in kernels.GEMV_CONFIGS
+        assert kernels.gemv_choices() == {(str(x.device), torch.bfloat16, 1536, 1536, False): choice}
+        kernels._GEMV_CHOICE.clear()
+    kernels.gemv = real
+
+
 def check_attention(device: str) -> None:
     """`decode_attention` gives what SDPA over the gathered cache rows gives (grouped heads, one-token and wider
     chunks, a column mask with holes, causal within the chunk), and never reads a column after the chunk's last:
@@ -141,26 +180,29 @@ def check_attention(device: str) -> None:
 
 def check_forward(device: str) -> None:
     """A fused static-cache forward with the kernels gives the eager one's outputs (prompts of several lengths, a
-    dropped step, a gathered row, one-token steps), for Qwen2 (q/k/v biases, 16-wide heads: the attention kernel
-    runs), Llama (gate/up biases) and Qwen3 (q/k norms)."""
+    dropped step, a gathered row, one-token steps; with and without the one-token GEMV), for Qwen2 (q/k/v biases,
+    16-wide heads: the attention kernel runs), Llama (gate/up biases) and Qwen3 (q/k norms)."""
     from rsd_generation import fast, kernels
     from rsd_generation.kv import pad_right
     from rsd_generation.testing import make_lm, make_qwen3
 
+    choose = kernels.gemv_choice
     models = {"llama": lambda: make_lm("llama", 96, seed=2, mlp_bias=True), "qwen3": lambda: make_qwen3(96),
               "qwen2": lambda: make_lm("qwen2", 96, seed=3, hidden_size=64, intermediate_size=128)}  # fmt: skip
     for name, build in models.items():
         # Llama's 8-wide heads and Qwen3's q/k norms keep the attention kernel out: eager, or every other kernel
         # (in float32 only under the interpreter, which is slow). Qwen2: with and without the attention kernel
-        variants = [(False, False), (True, True)]
+        variants = [(False, False, False), (True, True, False), (True, True, True)]  # (kernels, attention, gemv)
         if name == "qwen2":
-            variants = [(False, False), (True, False), (True, True)]
+            variants = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
         for dtype in DTYPES if name == "qwen2" or device == "cuda" else DTYPES[:1]:
             model = build().to(device, dtype)
             outs = []
-            for enabled, attention in variants:
+            for enabled, attention, gemv in variants:
                 kernels.ENABLED, kernels.ATTENTION = enabled, attention
-                cache = fast.row_cache(model, f"kernels-{enabled}-{attention}", 3, 0, "static", 64)
+                # gemv: every one-token projection by the GEMV (on a GPU the measured choice may keep cuBLAS)
+                kernels.gemv_choice = (lambda *a: kernels.GEMV_CONFIGS[0]) if gemv else choose
+                cache = fast.row_cache(model, f"kernels-{enabled}-{attention}-{gemv}", 3, 0, "static", 64)
                 cache.feed(*pad_right([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 0))
                 cache.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool))
                 cache.drop_from(torch.tensor([True, False, True]), torch.full((3,), cache.length - 2))
@@ -170,7 +212,7 @@ def check_forward(device: str) -> None:
                 steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
-            kernels.ENABLED, kernels.ATTENTION = True, False
+            kernels.ENABLED, kernels.ATTENTION, kernels.gemv_choice = True, False, choose
             tol = 1e-4 if dtype == torch.float32 else 3e-2
             for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention)
                 torch.testing.assert_close(out, outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype} {what}")
@@ -229,6 +271,8 @@ def check_generate(device: str) -> None:
 
 def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     """Each kernel's argument types and constexpr values as the fast path launches it, for tensors of `dtype`."""
+    from rsd_generation import kernels
+
     p = f"*{dtype}"
     norm = {"X": p, "D": p, "Wt": p, "OUT": p, "S": p, "H": "i32", "stride_x": "i32", "stride_d": "i32", "eps": "fp32"}
     rotary = {"QKV": p, "COS": p, "SIN": p, "K": p, "V": p, "ROWS": "*i64", "COLS": "*i64"}
@@ -238,11 +282,17 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "MASK": p, "COLS": "*i64", "OUT": p}
     attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
                                      "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
+    gemv = {"X": p, "Wt": p, "B": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32"}
     precision = "ieee" if dtype == "fp32" else "tf32"
     return {
         "_add_rms_norm": [(norm, {"HAS_DELTA": d, "BLOCK": 2048}) for d in (False, True)],
         "_rotary_into_cache": [(rotary, {"HALF": 64, "BLOCK": 64})],
         "_silu_mul": [(silu, {"BLOCK": 1024})],
+        "_gemv": [
+            (gemv, {"HAS_BIAS": b, "BLOCK_N": n, "BLOCK_K": k})
+            for b in (False, True)
+            for n, k, _, _ in kernels.GEMV_CONFIGS
+        ],
         "_decode_attention": [
             (attention, {"D": d, "M": m, "BLOCK_C": 64, "PRECISION": precision, "UPCAST": False})
             for d, m in ((64, 16), (128, 64))
@@ -326,7 +376,8 @@ def test_kernels_in_the_interpreter(check):
 def test_kernels_on_the_gpu(check):
     from rsd_generation import kernels
 
-    saved = {name: getattr(kernels, name) for name in ("ENABLED", "ATTENTION", "decode_attention")}
+    saved = {name: getattr(kernels, name) for name in ("ENABLED", "ATTENTION", "decode_attention", "gemv",
+                                                       "gemv_choice")}  # fmt: skip
     try:
         globals()[f"check_{check}"]("cuda")
     finally:  # the checks switch kernels on and off, and count calls: later tests get the module as it was
