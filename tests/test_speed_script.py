@@ -53,13 +53,13 @@ def test_a_queue_run_appends_its_rows(tmp_path):
               "--no-static", "--no-assisted", "--repeats", "1", "--baseline-repeats", "1",
               "--output", str(out)]  # fmt: skip
     speed.main(["--batch-sizes", "1", *common])
-    speed.main(["--batch-sizes", "2", "--queue-prompts", "4", "--catch-up", "lazy", "along", "--append", *common])
+    speed.main(["--batch-sizes", "2", "--queue-prompts", "4", "--catch-up", "auto", "along", "--append", *common])
     first, queued = json.loads(out.read_text())["rows"]
     assert (first["batch_size"], first["prompts"]) == (1, 1) and (queued["batch_size"], queued["prompts"]) == (2, 4)
     assert "--queue-prompts 4" in queued["command"] and "--queue-prompts" not in first["command"]
     rsd = queued["modes"]["static"]["rsd"]["accept80"]
     along = queued["modes"]["static"]["rsd"]["accept80-catch-up-along"]  # --catch-up: both, side by side
-    assert (rsd["catch_up"], along["catch_up"]) == ("lazy", "along")
+    assert (rsd["catch_up"], along["catch_up"]) == ("lazy", "along")  # auto: lazy on the static path
     assert along["acceptance_rate"] == rsd["acceptance_rate"] and along["forward_calls"] == rsd["forward_calls"]
     assert rsd["tokens_per_s"] == 4 * 16 / rsd["seconds"]
     assert rsd["forward_calls"]["target"] > 0
@@ -204,6 +204,33 @@ def test_gemm_forms_all_compute_the_projection():
                 want = x @ w.T
                 got = out.reshape(want.shape[1], M).T if name in ("W@x.T", "mv") else out
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_gemv_sweep_covers_the_configurations_the_fast_path_tries(tmp_path, capsys):
+    """Every `kernels.GEMV_CONFIGS` entry lies in `benchmarks.gemv_sweep`'s grid (the sweep chose them), and without
+    a GPU the sweep refuses to run, saying so, and writes nothing."""
+    import itertools
+
+    from rsd_generation.benchmarks import gemv_sweep
+
+    from rsd_generation import kernels
+
+    assert set(kernels.GEMV_CONFIGS) <= set(itertools.product(*gemv_sweep.GRID.values()))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gemv_sweep.main(["--output", str(tmp_path / "sweep.json")])
+        assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "sweep.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the sweep times CUDA graphs)")
+def test_the_gemv_sweep_times_every_configuration_against_cublas():
+    """On a GPU: the sweep keeps the fastest configurations in order, each within bfloat16 rounding of F.linear."""
+    from rsd_generation.benchmarks import gemv_sweep
+
+    row = gemv_sweep.sweep(256, 64, bias=True, layers=2, keep=3)
+    assert row["cublas_us"] > 0 and len(row["best"]) == 3
+    assert [b[0] for b in row["best"]] == sorted(b[0] for b in row["best"])
+    assert all(b[-1] < 0.05 for b in row["best"]), row["best"]
 
 
 def test_kernel_events_keep_only_the_gpus_kernels():
