@@ -8,8 +8,9 @@ with the seeded constant weighting p = 0.8, 256 new tokens in 32-token steps:
     python -m rsd_generation.benchmarks.host_profile --batch-size 16 --runs 5 --output FILE
 
 Each run also records each model's forward calls, tokens, padded positions and positions in forwards wider than
-one token (`--catch-up along`: the runs use `rsd_catch_up="along"`). `--tiny` runs tiny shapes on the CPU (static
-path, 8-token prompts, no synchronisation count), to check the script itself or to count those positions.
+one token (`--catch-up`: the runs' `rsd_catch_up`; default `"auto"`, along on the graphs path, lazy on the static
+one). `--tiny` runs tiny shapes on the CPU (static path, 8-token prompts, no synchronisation count), to check the
+script itself or to count those positions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import rsd_generation as rsd
-from rsd_generation.decoding import CATCH_UP
+from rsd_generation.decoding import CATCH_UP, catch_up_mode
 
 from .io import refuse_overwrite, write_json_atomic
 from .profile_step import kernel_events, top_ops
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--top", type=int, default=30, help="functions listed per cProfile ordering")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, for checking the script itself")
-    ap.add_argument("--catch-up", choices=list(CATCH_UP), default="lazy", help="rsd_catch_up of the runs")
+    ap.add_argument("--catch-up", choices=list(CATCH_UP), default="auto", help="rsd_catch_up of the runs")
     ap.add_argument("--output", required=True)
     ap.add_argument("--force", action="store_true", help="replace an existing output")
     args = ap.parse_args(argv)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m rsd_generation.benchmarks.host_profile "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "batch_size": args.batch_size,
-        "catch_up": args.catch_up,
+        "catch_up": catch_up_mode(args.catch_up, "static" if args.tiny else "graphs"),
         "path": mode,
         "runs": runs,
         "profiled_run_seconds": time.perf_counter() - t0,

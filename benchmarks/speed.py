@@ -48,7 +48,7 @@ from transformers import (
 
 import rsd_generation as rsd
 from rsd_generation import fast, kernels
-from rsd_generation.decoding import CATCH_UP, RowIds, Sampling, StepRules, decode_step, step_separator
+from rsd_generation.decoding import CATCH_UP, RowIds, Sampling, StepRules, catch_up_mode, decode_step, step_separator
 from rsd_generation.fast import row_cache
 
 from .io import refuse_overwrite, write_json_atomic
@@ -328,10 +328,10 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     cases = [(name, q, sch, None, cu) for name, q in (("accept80", 0.2), ("accept50", 0.5)) for sch in args.schedules
              for cu in args.catch_up]  # fmt: skip
     if mode != "off":  # the agreement control acts on static caches
-        cases += [("accept80", 0.2, "eager", a, "lazy") for a in args.agreements]
+        cases += [("accept80", 0.2, "eager", a, "auto") for a in args.agreements]  # RSD∘SD: lazy either way
     for name, q, schedule, agreement, catch_up in cases:
         name = name if schedule == "eager" else f"{name}-schedule-{schedule}"
-        if catch_up != "lazy":
+        if catch_up != "auto":
             name = f"{name}-catch-up-{catch_up}"
         if agreement is not None:
             name = f"{name}-rsd-sd-gamma{args.gamma}-agreement{agreement}"
@@ -373,7 +373,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
         row["rsd"][name] = {
             "acceptance_control": "constant ω = p, seeded u" if coin else "binary ω, δ from a pilot run",
             "schedule": schedule,
-            "catch_up": catch_up,
+            "catch_up": "lazy" if agreement is not None else catch_up_mode(catch_up, mode),  # the one it used
             "token_agreement": agreement,  # None: rejected steps written by the target alone
             "ticks": st["ticks"],
             "p" if coin else "delta": delta,
@@ -550,9 +550,10 @@ def parser() -> argparse.ArgumentParser:
         "--catch-up",
         nargs="+",
         choices=list(CATCH_UP),
-        default=["lazy"],
+        default=["auto"],
         help="rsd_catch_up values to measure RSD with (lazy: the target catches a row up in one chunk when it next "
-        "writes for it; along: one token in each of its forwards for other rows)",
+        "writes for it; along: one token in each of its forwards for other rows; auto, the default: along on the "
+        "graphs and compile paths, lazy elsewhere); rows not at auto are named ...-catch-up-VALUE",
     )
     ap.add_argument(
         "--modes",

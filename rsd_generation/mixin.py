@@ -69,11 +69,12 @@ class RSDGenerationMixin(GenerationMixin):
                 a row's step is rejected; rows move in lockstep), an int k (once k rows wait, the others drafting
                 on meanwhile) or `"throughput"` (when the target would commit steps at least as fast as the draft,
                 by measured tick times). Outputs do not depend on it (greedy); speed does.
-            rsd_catch_up (`str`, default `"lazy"`): how the target catches up on a row's accepted draft steps:
+            rsd_catch_up (`str`, default `"auto"`): how the target catches up on a row's accepted draft steps:
                 `"lazy"` (in one chunk, when it next writes a step of that row) or `"along"` (one token in each of
                 the forwards it runs for other rows' steps: no chunk padded to the longest queue, but it also reads
-                steps of rows it may never write for). Outputs do not depend on it; speed and the target's token
-                count do. Where `rsd_speculative` regenerates the rejected steps, the catch-up stays lazy.
+                steps of rows it may never write for); `"auto"`: along on the CUDA-graph paths, lazy elsewhere.
+                Outputs do not depend on it; speed and the target's token count (and FLOPs) do. Where
+                `rsd_speculative` regenerates the rejected steps, the catch-up stays lazy.
             rsd_max_batch_size (`int`, *optional*): decode at most this many rows at once; the other prompts wait
                 in a queue and take the place of rows that finish (outputs keep the prompts' order).
             rsd_speculative (`int`, default 0): γ > 0 regenerates rejected steps by speculative decoding (paper §4):
@@ -158,7 +159,7 @@ def _rsd_options(target: PreTrainedModel, draft, reward_model, kwargs: dict, rsd
         raise ValueError(f"rsd_generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
     check_fast_path(rsd.get("rsd_fast_path", "auto"), target)
     schedule = Scheduler(rsd.get("rsd_schedule", "eager")).policy  # validates the value, naming it
-    catch_up = rsd.get("rsd_catch_up", "lazy")
+    catch_up = rsd.get("rsd_catch_up", "auto")
     if catch_up not in CATCH_UP:
         raise ValueError(f"rsd_catch_up must be one of {CATCH_UP}, got {catch_up!r}")
     max_batch_size = check_int("rsd_max_batch_size", rsd.get("rsd_max_batch_size"), 1, optional=True)

@@ -81,7 +81,8 @@ def test_a_bad_schedule_is_refused_with_the_value_named(qwen_pair, prm, tok, bad
 def test_catching_up_along_gives_the_lazy_tokens_and_decisions(qwen_pair, prm, tok, path):
     """`rsd_catch_up="along"`: the target's forwards feed the other rows' accepted drafts one token at a time. The
     tokens and decisions are the lazy catch-up's (greedy), under the eager schedule and with rows waiting; the
-    target runs no more forwards, and processes more tokens (it also reads steps of rows it never writes for)."""
+    target runs no more forwards, and processes more tokens (it also reads steps of rows it never writes for).
+    `"auto"` (the default) is along on the graphs path and lazy on the others."""
     target, draft = on_device(qwen_pair, path)
     prm = prm_on_device(prm, path)
     # seeded coins over many short steps: rows that rode along are rejected later, so their context is read
@@ -91,11 +92,15 @@ def test_catching_up_along_gives_the_lazy_tokens_and_decisions(qwen_pair, prm, t
         runs = {
             catch_up: rsd_generate(target, draft, prm, tok, MORE, rsd_schedule=schedule, rsd_catch_up=catch_up,
                                    rsd_generator=torch.Generator().manual_seed(5), **kw)
-            for catch_up in ("lazy", "along")
+            for catch_up in ("lazy", "along", "auto")
         }  # fmt: skip
         lazy, along = runs["lazy"], runs["along"]
         assert torch.equal(along.sequences, lazy.sequences)
         assert _steps(along) == _steps(lazy)
+        auto = runs["along" if path == "graphs" else "lazy"]
+        assert torch.equal(runs["auto"].sequences, lazy.sequences)
+        for stat in ("forward_calls", "forward_tokens", "padded_tokens"):
+            assert runs["auto"].rsd_stats[stat] == auto.rsd_stats[stat], (stat, path)
         decisions = [a for row in _steps(lazy) for _, src, a in row if src == "draft"]
         assert any(decisions) and not all(decisions), "the threshold must mix accepted and rejected steps"
         a, b = along.rsd_stats, lazy.rsd_stats
@@ -149,6 +154,15 @@ def test_catching_up_along_cuts_the_targets_padding_at_batch_64():
         k: r.rsd_stats["padded_tokens"]["target"] + r.rsd_stats["forward_tokens"]["target"] for k, r in runs.items()
     }
     assert total["along"] < total["lazy"], total  # fewer positions in all, padding and real
+
+
+def test_catch_up_auto_rides_where_forwards_are_graphs():
+    """`catch_up_mode`: an explicit value stands; `"auto"` is along on the graph-captured paths only."""
+    from rsd_generation.decoding import catch_up_mode
+
+    assert [catch_up_mode("auto", f) for f in ("off", "static", "graphs", "compile")] == ["lazy", "lazy", "along",
+                                                                                           "along"]  # fmt: skip
+    assert catch_up_mode("lazy", "graphs") == "lazy" and catch_up_mode("along", "off") == "along"
 
 
 @pytest.mark.parametrize("bad", ["eager", "", None, 1])
