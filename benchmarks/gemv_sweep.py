@@ -5,7 +5,8 @@ For each projection (qkv with its bias, o, gate/up, down) a CUDA graph runs it t
 (as `gemm_forms`), so the weights come from memory, not from L2; µs per layer, best of three replays. Every
 configuration (BLOCK_N weight rows per program, BLOCK_K columns per load, warps, pipeline stages) of the grid is
 timed; the five fastest are kept with their largest difference from `F.linear`. `kernels.GEMV_CONFIGS` holds the
-winners, among which the fast path measures again per shape at first use (`kernels.gemv_choice`).
+winners, among which the fast path measures again per shape at first use (`kernels.gemv_choice`). `--tokens 16 64`
+sweeps the tensor-core form for batched decode (`kernels.SKINNY_CONFIGS`, behind `kernels.SKINNY`).
 
     python -m rsd_generation.benchmarks.gemv_sweep --output FILE
 """
@@ -26,19 +27,22 @@ from .io import refuse_overwrite, write_json_atomic
 from .speed import QWEN_1_5B, QWEN_7B
 
 GRID = {"block_n": (2, 4, 8, 16), "block_k": (256, 512, 1024), "warps": (4, 8), "stages": (1, 3, 4)}
+# more tokens: the tensor-core form, whose tiles take at least 16 weight rows
+SKINNY_GRID = {"block_n": (16, 32, 64), "block_k": (128, 256, 512, 1024), "warps": (4, 8), "stages": (2, 3, 4)}
 
 
-def sweep(K: int, N: int, bias: bool, layers: int = 28, keep: int = 5) -> dict:
+def sweep(K: int, N: int, bias: bool, tokens: int = 1, layers: int = 28, keep: int = 5) -> dict:
     """cuBLAS's µs per layer and the `keep` fastest GEMV configurations `[µs, BLOCK_N, BLOCK_K, warps, stages,
-    largest difference from F.linear]` for one token times an `(N, K)` bf16 weight."""
+    largest difference from F.linear]` for `tokens` tokens times an `(N, K)` bf16 weight (`GRID` for one token,
+    `SKINNY_GRID` for more)."""
     weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16) if bias else None
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    outs = [torch.empty(1, N, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+    x = torch.randn(tokens, K, device="cuda", dtype=torch.bfloat16)
+    outs = [torch.empty(tokens, N, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
     want = F.linear(x, weights[0], b).float()
     cublas = graph_ms(lambda: [F.linear(x, w, b) for w in weights]) * 1e3 / layers
     timed = []
-    for config in itertools.product(*GRID.values()):
+    for config in itertools.product(*(GRID if tokens == 1 else SKINNY_GRID).values()):
         if config[1] > K:
             continue
         err = float((kernels.gemv(x, weights[0], b, config, outs[0]).float() - want).abs().max())
@@ -51,6 +55,7 @@ def sweep(K: int, N: int, bias: bool, layers: int = 28, keep: int = 5) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bandwidth", type=float, default=4.24e12, help="copy bandwidth for the floor (H200: 4.24e12)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1], help="tokens per projection (e.g. 1 16 64)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--force", action="store_true", help="replace an existing output")
     args = ap.parse_args(argv)
@@ -63,15 +68,18 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (K, N) in projections(shapes).items():
             if name == "head":
                 continue
-            row = {"model": model, "projection": name, "in": K, "out": N, "floor_us": N * K * 2 / args.bandwidth * 1e6}
-            row |= sweep(K, N, bias=name == "qkv")
-            print(row, flush=True)
-            rows.append(row)
-            torch.cuda.empty_cache()
+            for M in args.tokens:
+                row = {"model": model, "projection": name, "tokens": M, "in": K, "out": N,
+                       "floor_us": N * K * 2 / args.bandwidth * 1e6}  # fmt: skip
+                row |= sweep(K, N, bias=name == "qkv", tokens=M)
+                print(row, flush=True)
+                rows.append(row)
+                torch.cuda.empty_cache()
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": kernels.triton.__version__},
         "grid": GRID,
+        "skinny_grid": SKINNY_GRID,
         "rows": rows,
         "command": "python -m rsd_generation.benchmarks.gemv_sweep " + " ".join(sys.argv[1:] if argv is None else argv),
     }

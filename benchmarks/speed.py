@@ -399,24 +399,28 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
     return row
 
 
-VARIANTS = {  # kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
-    "kernels": (True, True, True),
-    "no-gemv": (True, True, False),
-    "no-attention": (True, False, True),
-    "no-kernels": (False, False, False),
+KERNEL_FLAGS = ("ENABLED", "ATTENTION", "GEMV", "SKINNY")  # the `kernels` switches a variant sets
+VARIANTS = {  # each variant's values of KERNEL_FLAGS
+    "kernels": (True, True, True, False),
+    "skinny": (True, True, True, True),
+    "no-gemv": (True, True, False, False),
+    "no-attention": (True, False, True, False),
+    "no-kernels": (False, False, False, False),
 }
 
 
 @contextlib.contextmanager
 def kernel_variant(variant: str):
     """Run the block with `variant`'s kernels (see `VARIANTS`), on freshly captured caches; restored afterwards."""
-    before = kernels.ENABLED, kernels.ATTENTION, kernels.GEMV
-    kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = VARIANTS[variant]
+    before = [getattr(kernels, flag) for flag in KERNEL_FLAGS]
+    for flag, value in zip(KERNEL_FLAGS, VARIANTS[variant], strict=True):
+        setattr(kernels, flag, value)
     fast.release_fast_caches()
     try:
         yield
     finally:
-        kernels.ENABLED, kernels.ATTENTION, kernels.GEMV = before
+        for flag, value in zip(KERNEL_FLAGS, before, strict=True):
+            setattr(kernels, flag, value)
         fast.release_fast_caches()
 
 
@@ -533,7 +537,8 @@ def parser() -> argparse.ArgumentParser:
         choices=list(VARIANTS),
         default=None,
         help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (the default "
-        "ones), no-gemv (cuBLAS for every projection), no-attention (SDPA instead of the decode-attention kernel), "
+        "ones), skinny (also projections of 2 to 64 tokens by the GEMV's tensor-core form, where measured faster), "
+        "no-gemv (cuBLAS for every projection), no-attention (SDPA instead of the decode-attention kernel), "
         "no-kernels (eager operations)",
     )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")

@@ -58,6 +58,13 @@ GEMV = True  # one-token projections by `gemv` where it measured faster than cuB
 GEMV_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
     (2, 1024, 4, 1), (2, 1024, 4, 4), (2, 1024, 4, 3), (4, 512, 4, 1), (8, 512, 4, 3), (8, 512, 8, 3), (16, 1024, 8, 4)
 )  # fmt: skip
+SKINNY = False  # projections of 2 to MAX_SKINNY_ROWS tokens by `gemv`'s tensor-core form (off until measured on a GPU)
+MAX_SKINNY_ROWS = 64
+# the same for 2 to 64 tokens (rows padded to a power of 2 from 16, as tensor-core products take them); guesses
+# until `benchmarks.gemv_sweep --tokens 16 64` has run on a GPU
+SKINNY_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
+    (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (16, 1024, 8, 3)
+)  # fmt: skip
 MAX_GEMV_BYTES = 512 << 20  # larger weights stay cuBLAS's (the timing copies would take a GB)
 GEMV_MIN_GAIN = 0.95  # `gemv` is chosen where it takes at most this share of cuBLAS's time
 
@@ -206,37 +213,48 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; one token `(..., K)` by `gemv` where `gemv_choice` measured it faster."""
-    if GEMV and ENABLED and x.numel() == x.shape[-1] and weight.numel() * weight.element_size() <= MAX_GEMV_BYTES:
+    """`F.linear(x, weight, bias)`: one token `(..., K)` (or, with `SKINNY`, up to `MAX_SKINNY_ROWS`) by `gemv`
+    where `gemv_choice` measured it faster."""
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0  # tokens
+    fits = M == 1 or (SKINNY and 1 < M <= MAX_SKINNY_ROWS)
+    if GEMV and ENABLED and fits and weight.numel() * weight.element_size() <= MAX_GEMV_BYTES:
         config = gemv_choice(x, weight, bias)
         if config is not None:
             return gemv(x, weight, bias, config)
     return F.linear(x, weight, bias)
 
 
-_GEMV_CHOICE: dict[tuple, tuple | None] = {}  # by (device, dtype, N, K, bias): a `GEMV_CONFIGS` entry, None: cuBLAS
+# by (device, dtype, N, K, bias, rows bucket): a `GEMV_CONFIGS` / `SKINNY_CONFIGS` entry, None: cuBLAS
+_GEMV_CHOICE: dict[tuple, tuple | None] = {}
+
+
+def rows_bucket(M: int) -> int:
+    """The rows `gemv` computes for M tokens: 1, or a power of 2 from 16 (its tensor-core form's tile)."""
+    return 1 if M == 1 else max(16, 1 << (M - 1).bit_length())
 
 
 def gemv_choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
-    """The fastest of `GEMV_CONFIGS` for one token times `weight` `(N, K)` on x's device, or None where cuBLAS is
-    faster (by `GEMV_MIN_GAIN`), is not CUDA, or nothing was measured yet and a graph is being captured. Measured
-    once per shape: each candidate runs over copies of the weight adding up to more than the L2 cache, in a CUDA
-    graph, against `F.linear` the same way."""
-    key = (str(x.device), x.dtype, *weight.shape, bias is not None)
+    """The fastest configuration of `gemv` for `x`'s tokens times `weight` `(N, K)` on x's device, or None where
+    cuBLAS is faster (by `GEMV_MIN_GAIN`), is not CUDA, or nothing was measured yet and a graph is being captured.
+    Measured once per shape and `rows_bucket`: each candidate runs over copies of the weight adding up to more than
+    the L2 cache, in a CUDA graph, against `F.linear` the same way."""
+    K = x.shape[-1]
+    rows = rows_bucket(x.numel() // K)
+    key = (str(x.device), x.dtype, *weight.shape, bias is not None, rows)
     if key not in _GEMV_CHOICE:
         if not x.is_cuda or not AVAILABLE or torch.cuda.is_current_stream_capturing():
             return None
-        _GEMV_CHOICE[key] = _measure_gemv(x.reshape(1, -1), weight, bias)
+        _GEMV_CHOICE[key] = _measure_gemv(x.new_zeros(rows, K).copy_(x.reshape(-1, K)[:1]), weight, bias)
     return _GEMV_CHOICE[key]
 
 
 def gemv_choices() -> dict[tuple, tuple | None]:
-    """What `gemv_choice` measured so far: (device, dtype, N, K, bias) -> configuration, or None for cuBLAS."""
+    """What `gemv_choice` measured so far: (device, dtype, N, K, bias, rows) -> configuration, None for cuBLAS."""
     return dict(_GEMV_CHOICE)
 
 
 def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
-    """`gemv_choice`'s timing (on a side stream: the caller may be warming a capture up on its own)."""
+    """`gemv_choice`'s timing for `x` `(rows, K)` (on a side stream: the caller may be warming a capture up)."""
     size = weight.numel() * weight.element_size()
     try:
         copies = [weight.clone() for _ in range(max(2, min(28, -(-(256 << 20) // size))))]  # beyond a 50 MB L2
@@ -244,7 +262,7 @@ def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return None
     out = x.new_empty(x.shape[0], weight.shape[0])
     times = {None: _graph_seconds(lambda: [F.linear(x, w, bias) for w in copies], x.device)}
-    for config in GEMV_CONFIGS:
+    for config in GEMV_CONFIGS if len(x) == 1 else SKINNY_CONFIGS:
         try:
             times[config] = _graph_seconds(lambda c=config: [gemv(x, w, bias, c, out) for w in copies], x.device)
         except Exception:  # a configuration Triton cannot build here
@@ -276,18 +294,30 @@ def _graph_seconds(fn, device: torch.device, replays: int = 3) -> float:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
          out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """One token times a weight: `F.linear(x, weight, bias)` for `x` `(..., K)` holding one token, each program
-    streaming `BLOCK_N` rows of `weight` `(N, K)` in blocks of `BLOCK_K` columns, summed in float32 and rounded once
-    (bias included). `config`: `(BLOCK_N, BLOCK_K, num_warps, num_stages)`, as in `GEMV_CONFIGS`."""
+    """A few tokens times a weight, `F.linear(x, weight, bias)` for `x` `(..., K)`, each program streaming `BLOCK_N`
+    rows of `weight` `(N, K)` in blocks of `BLOCK_K` columns through every token, summed in float32 and rounded once
+    (bias included): one token as products and sums (`_gemv`), more as tensor-core products with the tokens padded
+    to `rows_bucket` rows (`_skinny`). `config`: `(BLOCK_N, BLOCK_K, num_warps, num_stages)`, as in `GEMV_CONFIGS`
+    (one token) or `SKINNY_CONFIGS`."""
     N, K = weight.shape
-    x1 = _unit_stride(x.reshape(1, K))
+    x2 = _unit_stride(x.reshape(-1, K))  # x2: [M, K]
+    M = x2.shape[0]
     w = _unit_stride(weight)
-    out = x1.new_empty(1, N) if out is None else out
+    out = x2.new_empty(M, N) if out is None else out
     block_n, block_k, warps, stages = config
-    _gemv[(triton.cdiv(N, block_n),)](
-        x1, w, w if bias is None else bias, out, N, K, w.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    b = w if bias is None else bias
+    if M == 1:
+        _gemv[(triton.cdiv(N, block_n),)](
+            x2, w, b, out, N, K, w.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    elif M:
+        _skinny[(triton.cdiv(N, block_n),)](
+            x2, w, b, out, M, N, K, x2.stride(0), w.stride(0), HAS_BIAS=bias is not None, ROWS=rows_bucket(M),
+            BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET and x2.dtype != torch.float32,
+            PRECISION="ieee" if x2.dtype == torch.float32 or INTERPRET else "tf32", num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
     return out.view(*x.shape[:-1], N)
 
 
@@ -337,6 +367,29 @@ if triton is not None:
         if HAS_BIAS:
             y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)
         tl.store(OUT + n, y.to(OUT.dtype.element_ty), mask=n < N)
+
+    @triton.jit
+    def _skinny(X, Wt, B, OUT, M, N, K, stride_x, stride_w, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):  # fmt: skip
+        """BLOCK_N output features per program for M <= ROWS tokens: OUT = X Wt^T (+ B), tensor-core products of
+        the (padded) tokens with blocks of K weight columns, summed in float32, rounded once."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
+        m = tl.arange(0, ROWS)  # m: [ROWS]
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+            w = tl.load(Wt + n[:, None] * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0,
+                        eviction_policy="evict_first")  # fmt: skip
+            if UPCAST:  # the interpreter multiplies bfloat16 matrices wrongly: in float32 there
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)  # [ROWS, BLOCK_N]
+        if HAS_BIAS:
+            acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            OUT + m[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N)
+        )
 
     @triton.jit
     def _silu_mul(GU, OUT, width, stride_gu, BLOCK: tl.constexpr):

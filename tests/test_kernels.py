@@ -101,10 +101,11 @@ def check_silu(device: str) -> None:
 
 
 def check_gemv(device: str) -> None:
-    """`gemv` gives `F.linear`'s one-token product within a unit of rounding (float32 sums in another order) in
-    every configuration tried, with and without a bias, for shapes that leave partial blocks of rows and columns;
-    `linear` takes it only for one token and where `gemv_choice` chose it, cuBLAS otherwise; on a GPU the choice is
-    measured once per shape and is one of the configurations or cuBLAS."""
+    """`gemv` gives `F.linear`'s product within a unit or two of rounding (float32 sums in another order) in every
+    configuration tried, for one token and for 2 to 40 (the tensor-core form), with and without a bias, for shapes
+    that leave partial blocks of rows and columns; `linear` takes it for one token (more with `SKINNY`) where
+    `gemv_choice` chose it, cuBLAS otherwise; on a GPU the choice is measured once per shape and is one of the
+    configurations or cuBLAS."""
     from rsd_generation import kernels
 
     calls = []
@@ -121,20 +122,32 @@ def check_gemv(device: str) -> None:
                 for config in kernels.GEMV_CONFIGS:
                     _assert_ulps(real(x, weight, b, config), want, 1 if dtype == torch.bfloat16 else 16, (N, K), True)
                 chosen = kernels.GEMV_CONFIGS[1]
-                kernels._GEMV_CHOICE[(str(x.device), dtype, N, K, b is not None)] = chosen
+                kernels._GEMV_CHOICE[(str(x.device), dtype, N, K, b is not None, 1)] = chosen
                 calls.clear()
                 _assert_ulps(kernels.linear(x, weight, b), want, 1 if dtype == torch.bfloat16 else 16, N, True)
                 assert calls == [chosen]
-                two = torch.randn(2, K, device=device).to(dtype)  # two tokens: cuBLAS's product
+                two = torch.randn(2, K, device=device).to(dtype)  # two tokens, SKINNY off: cuBLAS's product
                 torch.testing.assert_close(kernels.linear(two, weight, b), F.linear(two, weight, b))
                 assert calls == [chosen]
+                for M in (2, 5, 16, 40) if dtype == torch.float32 or device == "cuda" else (5,):  # interpreter: slow
+                    xs = torch.randn(M, K, device=device).to(dtype)
+                    want = F.linear(xs.double(), weight.double(), None if b is None else b.double()).to(dtype)
+                    for config in kernels.SKINNY_CONFIGS:  # tensor-core products sum in their own order: 2 units
+                        _assert_ulps(real(xs, weight, b, config), want, 2 if dtype == torch.bfloat16 else 16, M, True)
+                    kernels.SKINNY = True
+                    kernels._GEMV_CHOICE[(str(x.device), dtype, N, K, b is not None, kernels.rows_bucket(M))] = chosen
+                    calls.clear()
+                    kernels.linear(xs, weight, b)
+                    assert calls == [chosen]
+                    kernels.SKINNY = False
+    assert [kernels.rows_bucket(M) for M in (1, 2, 16, 17, 64)] == [1, 16, 16, 32, 64]
     kernels._GEMV_CHOICE.clear()
     if device == "cuda":
         weight = torch.randn(1536, 1536, device=device, dtype=torch.bfloat16)
         x = torch.randn(1, 1536, device=device, dtype=torch.bfloat16)
         choice = kernels.gemv_choice(x, weight, None)
         assert choice is None or choice in kernels.GEMV_CONFIGS
-        assert kernels.gemv_choices() == {(str(x.device), torch.bfloat16, 1536, 1536, False): choice}
+        assert kernels.gemv_choices() == {(str(x.device), torch.bfloat16, 1536, 1536, False, 1): choice}
         kernels._GEMV_CHOICE.clear()
     kernels.gemv = real
 
@@ -187,6 +200,10 @@ def check_forward(device: str) -> None:
     from rsd_generation.testing import make_lm, make_qwen3
 
     choose = kernels.gemv_choice
+
+    def forced(x, weight, bias):  # the GEMV for every projection it takes (a GPU's measured choice may keep cuBLAS)
+        return kernels.GEMV_CONFIGS[0] if x.numel() == x.shape[-1] else kernels.SKINNY_CONFIGS[0]
+
     models = {"llama": lambda: make_lm("llama", 96, seed=2, mlp_bias=True), "qwen3": lambda: make_qwen3(96),
               "qwen2": lambda: make_lm("qwen2", 96, seed=3, hidden_size=64, intermediate_size=128)}  # fmt: skip
     for name, build in models.items():
@@ -194,14 +211,17 @@ def check_forward(device: str) -> None:
         # (in float32 only under the interpreter, which is slow). Qwen2: with and without the attention kernel
         variants = [(False, False, False), (True, True, False), (True, True, True)]  # (kernels, attention, gemv)
         if name == "qwen2":
-            variants = [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+            # and every projection of up to 64 tokens by the GEMV's tensor-core form ("skinny")
+            variants = [(False, False, False), (True, False, False), (True, True, False), (True, True, True),
+                        (True, True, "skinny")]  # fmt: skip
         for dtype in DTYPES if name == "qwen2" or device == "cuda" else DTYPES[:1]:
             model = build().to(device, dtype)
             outs = []
             for enabled, attention, gemv in variants:
                 kernels.ENABLED, kernels.ATTENTION = enabled, attention
                 # gemv: every one-token projection by the GEMV (on a GPU the measured choice may keep cuBLAS)
-                kernels.gemv_choice = (lambda *a: kernels.GEMV_CONFIGS[0]) if gemv else choose
+                kernels.gemv_choice = forced if gemv else choose
+                kernels.SKINNY = gemv == "skinny"
                 cache = fast.row_cache(model, f"kernels-{enabled}-{attention}-{gemv}", 3, 0, "static", 64)
                 cache.feed(*pad_right([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 0))
                 cache.feed(torch.tensor([[20, 21], [22, 23], [24, 25]]), torch.ones(3, 2, dtype=torch.bool))
@@ -212,9 +232,11 @@ def check_forward(device: str) -> None:
                 steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
-            kernels.ENABLED, kernels.ATTENTION, kernels.gemv_choice = True, False, choose
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention)
+            kernels.ENABLED, kernels.ATTENTION, kernels.gemv_choice, kernels.SKINNY = True, False, choose, False
+            for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention, gemv)
+                # bfloat16: a unit of rounding at the logits' scale (4.5: 0.03); the tensor-core form sums a few
+                # tokens' products in its own order, and the interpreter rounds its casts toward zero: 1.5 units
+                tol = 1e-4 if dtype == torch.float32 else 5e-2 if what[2] == "skinny" else 3e-2
                 torch.testing.assert_close(out, outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype} {what}")
             assert kernels.usable(outs[0]) or device == "cpu"
 
@@ -283,6 +305,7 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
                                      "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
     gemv = {"X": p, "Wt": p, "B": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32"}
+    skinny = gemv | {"M": "i32", "stride_x": "i32"}
     precision = "ieee" if dtype == "fp32" else "tf32"
     return {
         "_add_rms_norm": [(norm, {"HAS_DELTA": d, "BLOCK": 2048}) for d in (False, True)],
@@ -292,6 +315,11 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
             (gemv, {"HAS_BIAS": b, "BLOCK_N": n, "BLOCK_K": k})
             for b in (False, True)
             for n, k, _, _ in kernels.GEMV_CONFIGS
+        ],
+        "_skinny": [
+            (skinny, {"HAS_BIAS": True, "ROWS": r, "BLOCK_N": n, "BLOCK_K": k, "UPCAST": False, "PRECISION": precision})
+            for r in (16, 64)
+            for n, k, _, _ in kernels.SKINNY_CONFIGS
         ],
         "_decode_attention": [
             (attention, {"D": d, "M": m, "BLOCK_C": 64, "PRECISION": precision, "UPCAST": False})
@@ -377,7 +405,7 @@ def test_kernels_on_the_gpu(check):
     from rsd_generation import kernels
 
     saved = {name: getattr(kernels, name) for name in ("ENABLED", "ATTENTION", "decode_attention", "gemv",
-                                                       "gemv_choice")}  # fmt: skip
+                                                       "gemv_choice", "SKINNY")}  # fmt: skip
     try:
         globals()[f"check_{check}"]("cuda")
     finally:  # the checks switch kernels on and off, and count calls: later tests get the module as it was

@@ -122,13 +122,13 @@ def test_kernel_variants_are_measured_side_by_side(tmp_path, capsys):
 
     out = tmp_path / "variants.json"
     argv = ["--tiny", "--batch-sizes", "1", "--new-tokens", "8", "--prompt-tokens", "4", "--modes", "static",
-            "--variants", "kernels", "no-kernels", "no-attention", "--no-rsd", "--no-sd", "--no-static",
+            "--variants", "kernels", "no-kernels", "skinny", "--no-rsd", "--no-sd", "--no-static",
             "--no-assisted", "--no-generate", "--repeats", "1", "--output", str(out)]  # fmt: skip
-    before = kernels.ENABLED, kernels.ATTENTION
+    before = [getattr(kernels, flag) for flag in speed.KERNEL_FLAGS]
     speed.main(argv)
-    assert before == (kernels.ENABLED, kernels.ATTENTION)
+    assert before == [getattr(kernels, flag) for flag in speed.KERNEL_FLAGS]
     modes = json.loads(out.read_text())["rows"][0]["modes"]
-    variants = ("kernels", "no-kernels", "no-attention")
+    variants = ("kernels", "no-kernels", "skinny")
     assert {name: m["kernels"] for name, m in modes.items()} == {f"static+{v}": v for v in variants}
     assert all(m["ms_per_forward"]["draft"] > 0 for m in modes.values())
     with pytest.raises(SystemExit):
@@ -216,6 +216,7 @@ def test_the_gemv_sweep_covers_the_configurations_the_fast_path_tries(tmp_path, 
     from rsd_generation import kernels
 
     assert set(kernels.GEMV_CONFIGS) <= set(itertools.product(*gemv_sweep.GRID.values()))
+    assert set(kernels.SKINNY_CONFIGS) <= set(itertools.product(*gemv_sweep.SKINNY_GRID.values()))
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             gemv_sweep.main(["--output", str(tmp_path / "sweep.json")])
@@ -227,10 +228,11 @@ def test_the_gemv_sweep_times_every_configuration_against_cublas():
     """On a GPU: the sweep keeps the fastest configurations in order, each within bfloat16 rounding of F.linear."""
     from rsd_generation.benchmarks import gemv_sweep
 
-    row = gemv_sweep.sweep(256, 64, bias=True, layers=2, keep=3)
-    assert row["cublas_us"] > 0 and len(row["best"]) == 3
-    assert [b[0] for b in row["best"]] == sorted(b[0] for b in row["best"])
-    assert all(b[-1] < 0.05 for b in row["best"]), row["best"]
+    for tokens in (1, 16):
+        row = gemv_sweep.sweep(256, 64, bias=True, tokens=tokens, layers=2, keep=3)
+        assert row["cublas_us"] > 0 and len(row["best"]) == 3
+        assert [b[0] for b in row["best"]] == sorted(b[0] for b in row["best"])
+        assert all(b[-1] < 0.05 for b in row["best"]), row["best"]
 
 
 def test_kernel_events_keep_only_the_gpus_kernels():
