@@ -286,13 +286,16 @@ def floor_ms(model: nn.Module, batch: int, columns: int, bandwidth: float) -> fl
     return (weights + kv) / bandwidth * 1e3
 
 
-def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> dict:
+def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args, row: dict | None = None,
+                 save=lambda: None) -> dict:  # fmt: skip
     """Per-component times and RSD end to end on one decoding path (`mode`, see `rsd_fast_path`); `prompts` `(Q, P)`
-    go through B slots."""
+    go through B slots. Fills `row` (a new dict by default) as it goes and calls `save()` after each measurement,
+    so an interrupted run keeps what it measured."""
     N, R = args.new_tokens, args.repeats
     cap = args.prompt_tokens + 2 * N + 64  # two runs of N tokens (rsd_decode's own caches are sized alike)
     chunks = prompts.split(B)  # target alone: the prompts in batches of B, one after another
-    row: dict = {"mode": mode}
+    row = {} if row is None else row
+    row["mode"] = mode
     models = ((draft, "draft"), (target, "target"))
     t0 = time.perf_counter()
     for model, role in models:  # first use: capture / compile
@@ -319,6 +322,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
           f"{row['ms_per_graph_replay']}), "
           f"PRM step {row['ms_per_prm_step']:.2f} ms, "
           f"target alone {row['target_alone_seconds']:.3f} s", flush=True)  # fmt: skip
+    save()
     if args.no_rsd:
         return row
     enc = {"input_ids": prompts.to(target.device), "attention_mask": torch.ones_like(prompts).to(target.device)}
@@ -395,6 +399,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args) -> d
             "measured_over_device_time": t / by_shape["seconds"] if by_shape else None,
         }
         print(f"B={B} {mode} RSD {name}: {row['rsd'][name]}", flush=True)
+        save()
     row["capture_seconds"] = _capture_seconds()
     return row
 
@@ -424,8 +429,9 @@ def kernel_variant(variant: str):
         fast.release_fast_caches()
 
 
-def measure(B: int, draft, target, prm, tok, args) -> dict:
-    """Every measurement at batch size `B` (B slots for `--queue-prompts` prompts), side by side."""
+def measure(B: int, draft, target, prm, tok, args, row: dict | None = None, save=lambda: None) -> dict:
+    """Every measurement at batch size `B` (B slots for `--queue-prompts` prompts), side by side, into `row` (a new
+    dict by default), calling `save()` after each (see `measure_mode`)."""
     N, Q = args.new_tokens, max(B, args.queue_prompts or B)
     g = torch.Generator().manual_seed(B)
     prompts = torch.randint(1, 1000, (Q, args.prompt_tokens), generator=g)
@@ -434,14 +440,15 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
     fixed = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    row: dict = {"batch_size": B, "prompts": Q, "new_tokens": N, "prompt_tokens": args.prompt_tokens, "modes": {}}
+    row = {} if row is None else row
+    row.update(batch_size=B, prompts=Q, new_tokens=N, prompt_tokens=args.prompt_tokens, modes={}, complete=False)
     row["command"] = result_command(args)
     for mode in args.modes:
         for variant in args.variants:  # each kernel variant captures its own graphs
             name = mode if len(args.variants) == 1 else f"{mode}+{variant}"
             with kernel_variant(variant):
-                row["modes"][name] = {**measure_mode(B, mode, draft, target, prm, tok, prompts, args),
-                                      "kernels": variant}  # fmt: skip
+                row["modes"][name] = {"kernels": variant}
+                measure_mode(B, mode, draft, target, prm, tok, prompts, args, row["modes"][name], save)
     times = {f"target_alone_{m}": v["target_alone_seconds"] for m, v in row["modes"].items()}
     RB = args.baseline_repeats
     if not args.no_generate:
@@ -494,6 +501,7 @@ def measure(B: int, draft, target, prm, tok, args) -> dict:
             if "target_generate_static" in times:
                 r["speedup_vs_target_generate_static"] = times["target_generate_static"] / r["seconds"]
     row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    row["complete"] = True
     print(f"B={B} target-only {times} (best: {best}), peak GPU memory {row['peak_gpu_memory_gib']} GiB", flush=True)
     return row
 
@@ -655,8 +663,9 @@ def main(argv: list[str] | None = None) -> dict:
         "complete": False,
         "command": result_command(args),
     }
-    for B in args.batch_sizes:  # saved after each batch size: an interrupted run keeps what it measured
-        rows.append(measure(B, draft, target, prm, tok, args))
+    for B in args.batch_sizes:  # saved after each measurement: an interrupted run keeps what it measured
+        rows.append({})
+        measure(B, draft, target, prm, tok, args, rows[-1], save=lambda: write_json_atomic(output, result))
         result["complete"] = len(rows) == len(previous) + len(args.batch_sizes)
         write_json_atomic(output, result)
     print(f"wrote {output}")

@@ -115,6 +115,34 @@ def test_the_compile_cache_script_runs_fresh_processes(tmp_path):
         compile_cache.main(["--tiny", "--mode", "static", "--runs", "1", "--output", str(out)])
 
 
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The output is written after each measurement: a run stopped during its second RSD case (a device call's time
+    limit, say) leaves the per-forward times and the first case on disk, marked incomplete, and `--append` refuses
+    to build on it."""
+    out = tmp_path / "speed.json"
+    real, calls = speed.timed, []
+
+    def cut_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(speed, "timed", cut_at_the_second)
+    argv = ["--tiny", "--batch-sizes", "1", "--new-tokens", "8", "--prompt-tokens", "4", "--step-tokens", "4",
+            "--modes", "static", "--no-static", "--no-assisted", "--no-generate", "--no-sd", "--repeats", "1",
+            "--output", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(argv)
+    saved = json.loads(out.read_text())
+    row = saved["rows"][0]
+    assert not saved["complete"] and not row["complete"]
+    assert row["modes"]["static"]["ms_per_forward"]["draft"] > 0
+    assert list(row["modes"]["static"]["rsd"]) == ["accept80"]  # the case that finished, not the one cut
+    with pytest.raises(SystemExit, match="interrupted run"):
+        speed.main([*argv, "--append"])
+
+
 def test_kernel_variants_are_measured_side_by_side(tmp_path, capsys):
     """`--variants` measures each path once per kernel variant in one process, names the rows PATH+VARIANT, and
     leaves the kernel switches as they were."""
