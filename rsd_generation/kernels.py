@@ -278,7 +278,7 @@ def _graph_seconds(fn, device: torch.device, replays: int = 3) -> float:
     with torch.cuda.stream(side):
         fn()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):  # as `fast` captures
             fn()
         best = float("inf")
         for _ in range(replays):
