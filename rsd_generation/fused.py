@@ -223,7 +223,7 @@ def fused_forward(
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: bool) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, by `kernels.linear` when `fast` (a one-token GEMV where it measured faster)."""
+    """`F.linear(x, weight, bias)`, by `kernels.linear` when `fast` (the GEMV where it measured faster)."""
     return kernels.linear(x, weight, bias) if fast else F.linear(x, weight, bias)
 
 
