@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from rsd_generation import kernels
+
 from .io import refuse_overwrite, write_json_atomic
 from .speed import QWEN_1_5B, QWEN_7B
 
@@ -32,26 +34,9 @@ def projections(shapes: dict) -> dict[str, tuple[int, int]]:
 
 
 def graph_ms(fn, replays: int = 3) -> float:
-    """The best of `replays` timed replays of a CUDA graph of `fn` (warmed up on the capture stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        fn()
-    graph.replay()
-    best = float("inf")
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
+    """The best of `replays` timed replays of a CUDA graph of `fn` (warmed up twice on the capture stream first), in
+    ms: `kernels.graph_seconds`, the timer the fast path chooses its GEMV with."""
+    return kernels.graph_seconds(fn, torch.cuda.current_device(), replays, warmups=2) * 1e3
 
 
 def forms(x: torch.Tensor, weights: list[torch.Tensor], transposed: list[torch.Tensor]) -> dict:

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m rsd_generation.benchmarks.host_profile "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "batch_size": args.batch_size,
-        "catch_up": catch_up_mode(args.catch_up, "static" if args.tiny else "graphs"),
+        "catch_up": catch_up_mode(args.catch_up, mode),
         "path": mode,
         "runs": runs,
         "profiled_run_seconds": time.perf_counter() - t0,

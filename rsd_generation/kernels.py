@@ -261,22 +261,24 @@ def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     except torch.cuda.OutOfMemoryError:  # no room to time it: cuBLAS
         return None
     out = x.new_empty(x.shape[0], weight.shape[0])
-    times = {None: _graph_seconds(lambda: [F.linear(x, w, bias) for w in copies], x.device)}
+    times = {None: graph_seconds(lambda: [F.linear(x, w, bias) for w in copies], x.device)}
     for config in GEMV_CONFIGS if len(x) == 1 else SKINNY_CONFIGS:
         try:
-            times[config] = _graph_seconds(lambda c=config: [gemv(x, w, bias, c, out) for w in copies], x.device)
+            times[config] = graph_seconds(lambda c=config: [gemv(x, w, bias, c, out) for w in copies], x.device)
         except Exception:  # a configuration Triton cannot build here
             continue
     best = min(times, key=lambda c: times[c])
     return best if best is not None and times[best] <= GEMV_MIN_GAIN * times[None] else None
 
 
-def _graph_seconds(fn, device: torch.device, replays: int = 3) -> float:
-    """The best of `replays` replays of `fn` captured as a CUDA graph (warmed up first), in seconds."""
+def graph_seconds(fn, device: torch.device, replays: int = 3, warmups: int = 1) -> float:
+    """The best of `replays` replays of `fn` captured as a CUDA graph on a side stream (after `warmups` runs there),
+    in seconds: the device time of its kernels back to back, no launch gaps."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        fn()
+        for _ in range(warmups):
+            fn()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):  # as `fast` captures
             fn()
