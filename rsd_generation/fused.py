@@ -13,7 +13,9 @@ activation and output projections, the same math as the model's forward with an 
 in fewer kernels where nothing compiles them: each residual add goes with the norm after it, the rotary embedding
 rotates the queries and keys at once in place in the fused projection's output, and on CUDA those and the SiLU
 product run as one Triton kernel each (`kernels`), as do one-token projections whose shape measured faster
-in a Triton GEMV than in cuBLAS (`kernels.linear`).
+in a Triton GEMV than in cuBLAS (`kernels.linear`). Such a GEMV takes the elementwise work around it too: the RMS
+norm before the qkv and gate/up products, the SiLU product before the down product, and the residual add after
+the output and down products, so a decoder layer at batch 1 runs six kernels (`norm_project`, `add_project`).
 """
 
 from __future__ import annotations
@@ -192,8 +194,7 @@ def fused_forward(
     for i, (layer, f) in enumerate(zip(backbone.layers, layers, strict=True)):
         attn = layer.self_attn
         D, (Q, K, _) = attn.head_dim, f.sizes
-        h, x = add_norm(layer.input_layernorm, x, delta, fast)
-        qkv = project(h, f.qkv, f.qkv_bias, fast)  # qkv: [N, W, Q + K + V]
+        qkv, x = norm_project(layer.input_layernorm, x, delta, f.qkv, f.qkv_bias, fast)  # qkv: [N, W, Q + K + V]
         o = None  # o: [N, W, Hq * D], the attention's output
         if fast and not hasattr(attn, "q_norm") and hasattr(cache, "destination") and cos.dtype == qkv.dtype:
             # one kernel rotates the queries in place and writes the rotated keys and the values to the cache
@@ -216,9 +217,9 @@ def fused_forward(
         if o is None:
             o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
             o = o.transpose(1, 2).reshape(N, W, -1)
-        h, x = add_norm(layer.post_attention_layernorm, x, linear(attn.o_proj, o, fast), fast)
-        gate_up = project(h, f.gate_up, f.gate_up_bias, fast)  # gate_up: [N, W, 2 I]
-        delta = linear(layer.mlp.down_proj, activate(layer.mlp.act_fn, gate_up, fast), fast)
+        x, delta = add_project(attn.o_proj, o, x, fast)
+        gate_up, x = norm_project(layer.post_attention_layernorm, x, delta, f.gate_up, f.gate_up_bias, fast)
+        x, delta = add_project(layer.mlp.down_proj, gate_up, x, fast, layer.mlp.act_fn)  # gate_up: [N, W, 2 I]
     return add_norm(backbone.norm, x, delta, fast)[0]
 
 
@@ -229,14 +230,47 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fa
 
 def linear(module: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
     """`module(x)`, through `project` when it is a plain `nn.Linear` (a quantized or adapted one runs its own)."""
-    if type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks:
+    if plain_linear(module):
         return project(x, module.weight, module.bias, fast)
     return module(x)
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is an `nn.Linear` without hooks (whose product `project` may compute)."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def norm_project(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 bias: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`(F.linear(norm(x + delta), weight, bias), x + delta)`. For one token with nothing to add (`delta` None),
+    where `fast` allows the GEMV, it was chosen for this product and `kernels.GEMV_FUSION` is on, the RMS norm runs
+    inside it: one kernel."""
+    if fast and kernels.GEMV_FUSION and delta is None and x.numel() == x.shape[-1] and _rms_norm_kernel(norm, x):
+        config = kernels.gemv_config(x, weight, bias)
+        if config is not None:
+            return kernels.gemv(x, weight, bias, config, norm=(norm.weight, norm.variance_epsilon)), x
+    h, x = add_norm(norm, x, delta, fast)
+    return project(h, weight, bias, fast), x
+
+
+def add_project(module: nn.Module, a: torch.Tensor, x: torch.Tensor, fast: bool,
+                act_fn: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The residual stream `x` and what `module` adds to it from `a` (with `act_fn`: from `act_fn(gate) * up` of
+    the fused `a`): `(x + module(a), None)` by one GEMV for one token where `fast` allows it, it was chosen for this
+    product and `kernels.GEMV_FUSION` is on (the SiLU product in its prologue, the sum in its epilogue); else
+    `(x, module(a))`, for the next norm's kernel to add."""
+    silu = act_fn is not None
+    one = a.numel() == a.shape[-1]  # one token
+    if fast and kernels.GEMV_FUSION and plain_linear(module) and one and (not silu or _silu_kernel(act_fn)):
+        config = kernels.gemv_config(a[..., : module.in_features], module.weight, module.bias)
+        if config is not None:
+            return kernels.gemv(a, module.weight, module.bias, config, residual=x, silu=silu), None
+    return x, linear(module, activate(act_fn, a, fast) if silu else a, fast)
+
+
 def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, ...]:
     """`(norm(x + delta), x + delta)` (`delta` None: nothing added), in one kernel when `fast` allows it."""
-    if fast and type(norm).__name__ in RMS_NORMS and norm.weight.dtype == x.dtype:
+    if fast and _rms_norm_kernel(norm, x):
         return kernels.add_rms_norm(x, norm.weight, norm.variance_epsilon, delta)
     x = x if delta is None else x + delta
     return rms_norm(norm, x), x
@@ -250,10 +284,20 @@ def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def activate(act_fn: nn.Module, gate_up: torch.Tensor, fast: bool) -> torch.Tensor:
     """`act_fn(gate) * up` from the fused `gate_up` `(..., 2 I)`; SiLU in one kernel when `fast`."""
-    if fast and type(act_fn).__name__ in ("SiLUActivation", "SiLU"):
+    if fast and _silu_kernel(act_fn):
         return kernels.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, -1)
     return act_fn(gate) * up
+
+
+def _rms_norm_kernel(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the kernels may compute `norm` of `x` (an RMS norm of `RMS_NORMS` with a weight of x's dtype)."""
+    return type(norm).__name__ in RMS_NORMS and norm.weight.dtype == x.dtype
+
+
+def _silu_kernel(act_fn: nn.Module) -> bool:
+    """Whether `act_fn` is the SiLU the kernels compute."""
+    return type(act_fn).__name__ in ("SiLUActivation", "SiLU")
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ GEMV = True  # one-token projections by `gemv` where it measured faster than cuB
 GEMV_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
     (2, 1024, 4, 1), (2, 1024, 4, 4), (2, 1024, 4, 3), (4, 512, 4, 1), (8, 512, 4, 3), (8, 512, 8, 3), (16, 1024, 8, 4)
 )  # fmt: skip
+GEMV_FUSION = True  # the fused forward's one-token GEMVs take the norms, SiLU product and residual adds around them
 SKINNY = False  # projections of 2 to MAX_SKINNY_ROWS tokens by `gemv`'s tensor-core form (off until measured on a GPU)
 MAX_SKINNY_ROWS = 64
 # the same for 2 to 64 tokens (rows padded to a power of 2 from 16, as tensor-core products take them); guesses
@@ -213,15 +214,19 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`: one token `(..., K)` (or, with `SKINNY`, up to `MAX_SKINNY_ROWS`) by `gemv`
-    where `gemv_choice` measured it faster."""
+    """`F.linear(x, weight, bias)`: by `gemv` where `gemv_config` chose it, else cuBLAS."""
+    config = gemv_config(x, weight, bias)
+    return F.linear(x, weight, bias) if config is None else gemv(x, weight, bias, config)
+
+
+def gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple | None:
+    """The `gemv` configuration for `x` `(..., K)` times `weight`: for one token (or, with `SKINNY`, up to
+    `MAX_SKINNY_ROWS`) and a weight up to `MAX_GEMV_BYTES`, where `gemv_choice` measured it faster; None: cuBLAS."""
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0  # tokens
     fits = M == 1 or (SKINNY and 1 < M <= MAX_SKINNY_ROWS)
     if GEMV and ENABLED and fits and weight.numel() * weight.element_size() <= MAX_GEMV_BYTES:
-        config = gemv_choice(x, weight, bias)
-        if config is not None:
-            return gemv(x, weight, bias, config)
-    return F.linear(x, weight, bias)
+        return gemv_choice(x, weight, bias)
+    return None
 
 
 # by (device, dtype, N, K, bias, rows bucket): a `GEMV_CONFIGS` / `SKINNY_CONFIGS` entry, None: cuBLAS
@@ -295,23 +300,38 @@ def graph_seconds(fn, device: torch.device, replays: int = 3, warmups: int = 1) 
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
-         out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+         out: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
+         residual: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:  # fmt: skip
     """A few tokens times a weight, `F.linear(x, weight, bias)` for `x` `(..., K)`, each program streaming `BLOCK_N`
     rows of `weight` `(N, K)` in blocks of `BLOCK_K` columns through every token, summed in float32 and rounded once
     (bias included): one token as products and sums (`_gemv`), more as tensor-core products with the tokens padded
     to `rows_bucket` rows (`_skinny`). `config`: `(BLOCK_N, BLOCK_K, num_warps, num_stages)`, as in `GEMV_CONFIGS`
-    (one token) or `SKINNY_CONFIGS`."""
+    (one token) or `SKINNY_CONFIGS`.
+
+    For one token, the elementwise work around a decoder's projections can run inside, a kernel fewer each:
+        norm (`(weight, eps)`): the product of the RMS norm of x (`F.linear(rms_norm(x) * norm weight, ...)`),
+            the norm's scale applied to the float32 sums (so not rounded between, as eager is).
+        silu: x is a fused gate/up output `(..., 2 K)`, and the product is of `silu(gate) * up` (rounded as
+            `silu_mul`).
+        residual (`(..., N)`): added to the rounded product (`residual + F.linear(...)`, as eager adds).
+    """
     N, K = weight.shape
-    x2 = _unit_stride(x.reshape(-1, K))  # x2: [M, K]
+    fused = norm is not None or residual is not None or silu
+    x2 = _unit_stride(x.reshape(-1, 2 * K if silu else K))  # x2: [M, K] (silu: [M, 2 K])
     M = x2.shape[0]
+    if fused and M != 1:
+        raise ValueError(f"gemv's norm, silu and residual take one token, not {M}")
     w = _unit_stride(weight)
     out = x2.new_empty(M, N) if out is None else out
     block_n, block_k, warps, stages = config
     b = w if bias is None else bias
     if M == 1:
+        g, eps = norm if norm is not None else (w, 0.0)
+        r = w if residual is None else _unit_stride(residual.reshape(-1, N))
         _gemv[(triton.cdiv(N, block_n),)](
-            x2, w, b, out, N, K, w.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps, num_stages=stages,
+            x2, w, b, g, r, out, N, K, w.stride(0), float(eps), HAS_BIAS=bias is not None, NORM=norm is not None,
+            SILU=silu, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
     elif M:
         _skinny[(triton.cdiv(N, block_n),)](
@@ -354,21 +374,37 @@ if triton is not None:
         tl.store(OUT + row * H + cols, (w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gemv(X, Wt, B, OUT, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv(X, Wt, B, G, R, OUT, N, K, stride_w, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+              SILU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):  # fmt: skip
         """BLOCK_N output features per program: OUT = X Wt^T (+ B) for one token, products summed in float32 per
-        lane over the blocks of K, then across lanes, rounded once."""
+        lane over the blocks of K, then across lanes, rounded once. NORM: X's RMS norm times G is the input (its
+        scale applied to the sums); SILU: X is [gate, up] and silu(gate) * up the input; RESIDUAL: OUT = R + the
+        rounded product."""
+        dt = OUT.dtype.element_ty
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        squares = tl.zeros([BLOCK_K], tl.float32)  # NORM: X's squares, per lane
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
             w = tl.load(Wt + n[:, None] * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
-            x = tl.load(X + k, mask=k < K, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
+            if SILU:  # rounded after each operation, as `silu_mul`
+                up = tl.load(X + K + k, mask=k < K, other=0.0).to(tl.float32)
+                x = ((x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x = x * tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, 1)  # y: [BLOCK_N]
+        if NORM:
+            y = y * tl.math.rsqrt(tl.sum(squares, 0) / K + eps)
         if HAS_BIAS:
             y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)
-        tl.store(OUT + n, y.to(OUT.dtype.element_ty), mask=n < N)
+        if RESIDUAL:
+            y = y.to(dt).to(tl.float32) + tl.load(R + n, mask=n < N, other=0.0).to(tl.float32)
+        tl.store(OUT + n, y.to(dt), mask=n < N)
 
     @triton.jit
     def _skinny(X, Wt, B, OUT, M, N, K, stride_x, stride_w, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,

@@ -140,6 +140,28 @@ def check_gemv(device: str) -> None:
                     kernels.linear(xs, weight, b)
                     assert calls == [chosen]
                     kernels.SKINNY = False
+    for dtype in DTYPES:  # one token with the elementwise work around a decoder's products inside
+        for N, K in ((40, 300), (7, 520)):
+            torch.manual_seed(N + K)
+            weight = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+            bias, residual = torch.randn(N, device=device).to(dtype), torch.randn(1, 1, N, device=device).to(dtype)
+            x, gate_up = torch.randn(1, 1, K, device=device).to(dtype), torch.randn(1, 1, 2 * K, device=device)
+            gate_up = (gate_up * 3).to(dtype)
+            g, eps = torch.randn(K, device=device).to(dtype), 1e-6
+            normed = (g.double() * F.rms_norm(x.double(), (K,), eps=eps)).to(dtype)  # unrounded inside: a unit
+            activated = kernels.silu_mul(gate_up).double()  # `check_silu`: the eager rounding
+            for config in kernels.GEMV_CONFIGS[:3]:
+                for b in (None, bias):
+                    want = F.linear(normed.double(), weight.double(), None if b is None else b.double())
+                    got = real(x, weight, b, config, norm=(g, eps))
+                    _assert_ulps(got, want.to(dtype), 2 if dtype == torch.bfloat16 else 16, ("norm", N, K), True)
+                    product = F.linear(activated, weight.double(), None if b is None else b.double()).to(dtype)
+                    want = (residual.double() + product.double()).to(dtype)  # the product rounded, then added
+                    got = real(gate_up, weight, b, config, residual=residual, silu=True)
+                    _assert_ulps(got, want, 1 if dtype == torch.bfloat16 else 16, ("silu residual", N, K), True)
+    with pytest.raises(ValueError, match="take one token, not 2"):
+        real(torch.ones(2, 8, device=device), torch.ones(4, 8, device=device), None, kernels.GEMV_CONFIGS[0],
+             residual=torch.ones(2, 4, device=device))  # fmt: skip
     assert [kernels.rows_bucket(M) for M in (1, 2, 16, 17, 64)] == [1, 16, 16, 32, 64]
     kernels._GEMV_CHOICE.clear()
     if device == "cuda":
@@ -199,7 +221,14 @@ def check_forward(device: str) -> None:
     from rsd_generation.kv import pad_right
     from rsd_generation.testing import make_lm, make_qwen3
 
-    choose = kernels.gemv_choice
+    choose, real = kernels.gemv_choice, kernels.gemv
+    fusions = set()  # the elementwise work the GEMV took in (one-token forwards)
+
+    def recorded(*args, **fused):
+        fusions.update(name for name, value in fused.items() if value is not None and value is not False)
+        return real(*args, **fused)
+
+    kernels.gemv = recorded
 
     def forced(x, weight, bias):  # the GEMV for every projection it takes (a GPU's measured choice may keep cuBLAS)
         return kernels.GEMV_CONFIGS[0] if x.numel() == x.shape[-1] else kernels.SKINNY_CONFIGS[0]
@@ -232,6 +261,9 @@ def check_forward(device: str) -> None:
                 steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
+                # the gathered row's one-token forward ran its norms, SiLU product and residual adds in the GEMV
+                assert fusions == ({"norm", "silu", "residual"} if gemv and enabled else set()), (name, fusions)
+                fusions.clear()
             kernels.ENABLED, kernels.ATTENTION, kernels.gemv_choice, kernels.SKINNY = True, False, choose, False
             for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention, gemv)
                 # bfloat16: a unit of rounding at the logits' scale (4.5: 0.03); the tensor-core form sums a few
@@ -239,6 +271,7 @@ def check_forward(device: str) -> None:
                 tol = 1e-4 if dtype == torch.float32 else 5e-2 if what[2] == "skinny" else 3e-2
                 torch.testing.assert_close(out, outs[0], rtol=tol, atol=tol, msg=f"{name} {dtype} {what}")
             assert kernels.usable(outs[0]) or device == "cpu"
+    kernels.gemv = real
 
 
 def check_generate(device: str) -> None:
@@ -304,17 +337,23 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "MASK": p, "COLS": "*i64", "OUT": p}
     attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
                                      "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
-    gemv = {"X": p, "Wt": p, "B": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32"}
-    skinny = gemv | {"M": "i32", "stride_x": "i32"}
+    skinny = {"X": p, "Wt": p, "B": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32", "M": "i32",
+              "stride_x": "i32"}  # fmt: skip
+    gemv = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32",
+            "eps": "fp32"}  # fmt: skip
+    # as the fused forward launches it: plain, norm before (qkv with its bias), silu before and residual after
+    fusions = [{"NORM": False, "SILU": False, "RESIDUAL": False}, {"NORM": True, "SILU": False, "RESIDUAL": False},
+               {"NORM": False, "SILU": True, "RESIDUAL": True}]  # fmt: skip
     precision = "ieee" if dtype == "fp32" else "tf32"
     return {
         "_add_rms_norm": [(norm, {"HAS_DELTA": d, "BLOCK": 2048}) for d in (False, True)],
         "_rotary_into_cache": [(rotary, {"HALF": 64, "BLOCK": 64})],
         "_silu_mul": [(silu, {"BLOCK": 1024})],
         "_gemv": [
-            (gemv, {"HAS_BIAS": b, "BLOCK_N": n, "BLOCK_K": k})
+            (gemv, {"HAS_BIAS": b, "BLOCK_N": n, "BLOCK_K": k} | fusion)
             for b in (False, True)
             for n, k, _, _ in kernels.GEMV_CONFIGS
+            for fusion in fusions
         ],
         "_skinny": [
             (skinny, {"HAS_BIAS": True, "ROWS": r, "BLOCK_N": n, "BLOCK_K": k, "UPCAST": False, "PRECISION": precision})
