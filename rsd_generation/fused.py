@@ -15,7 +15,8 @@ rotates the queries and keys at once in place in the fused projection's output, 
 product run as one Triton kernel each (`kernels`), as do one-token projections whose shape measured faster
 in a Triton GEMV than in cuBLAS (`kernels.linear`). Such a GEMV takes the elementwise work around it too: the RMS
 norm before the qkv and gate/up products, the SiLU product before the down product, and the residual add after
-the output and down products, so a decoder layer at batch 1 runs six kernels (`norm_project`, `add_project`).
+the output and down products, so a decoder layer at batch 1 runs six kernels (`norm_project`, `add_project`;
+with `kernels.SKINNY`, at up to 64 tokens too).
 """
 
 from __future__ import annotations
@@ -242,10 +243,10 @@ def plain_linear(module: nn.Module) -> bool:
 
 def norm_project(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  bias: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """`(F.linear(norm(x + delta), weight, bias), x + delta)`. For one token with nothing to add (`delta` None),
-    where `fast` allows the GEMV, it was chosen for this product and `kernels.GEMV_FUSION` is on, the RMS norm runs
-    inside it: one kernel."""
-    if fast and kernels.GEMV_FUSION and delta is None and x.numel() == x.shape[-1] and _rms_norm_kernel(norm, x):
+    """`(F.linear(norm(x + delta), weight, bias), x + delta)`. With nothing to add (`delta` None), where `fast`
+    allows the GEMV, it was chosen for this product and `kernels.GEMV_FUSION` is on, the RMS norm runs inside it:
+    one kernel."""
+    if fast and kernels.GEMV_FUSION and delta is None and _rms_norm_kernel(norm, x):
         config = kernels.gemv_config(x, weight, bias)
         if config is not None:
             return kernels.gemv(x, weight, bias, config, norm=(norm.weight, norm.variance_epsilon)), x
@@ -256,12 +257,11 @@ def norm_project(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, w
 def add_project(module: nn.Module, a: torch.Tensor, x: torch.Tensor, fast: bool,
                 act_fn: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The residual stream `x` and what `module` adds to it from `a` (with `act_fn`: from `act_fn(gate) * up` of
-    the fused `a`): `(x + module(a), None)` by one GEMV for one token where `fast` allows it, it was chosen for this
-    product and `kernels.GEMV_FUSION` is on (the SiLU product in its prologue, the sum in its epilogue); else
-    `(x, module(a))`, for the next norm's kernel to add."""
+    the fused `a`): `(x + module(a), None)` by one GEMV where `fast` allows it, it was chosen for this product and
+    `kernels.GEMV_FUSION` is on (the SiLU product in its prologue, the sum in its epilogue); else `(x, module(a))`,
+    for the next norm's kernel to add."""
     silu = act_fn is not None
-    one = a.numel() == a.shape[-1]  # one token
-    if fast and kernels.GEMV_FUSION and plain_linear(module) and one and (not silu or _silu_kernel(act_fn)):
+    if fast and kernels.GEMV_FUSION and plain_linear(module) and (not silu or _silu_kernel(act_fn)):
         config = kernels.gemv_config(a[..., : module.in_features], module.weight, module.bias)
         if config is not None:
             return kernels.gemv(a, module.weight, module.bias, config, residual=x, silu=silu), None

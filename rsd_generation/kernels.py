@@ -308,35 +308,34 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     to `rows_bucket` rows (`_skinny`). `config`: `(BLOCK_N, BLOCK_K, num_warps, num_stages)`, as in `GEMV_CONFIGS`
     (one token) or `SKINNY_CONFIGS`.
 
-    For one token, the elementwise work around a decoder's projections can run inside, a kernel fewer each:
+    The elementwise work around a decoder's projections can run inside, a kernel fewer each:
         norm (`(weight, eps)`): the product of the RMS norm of x (`F.linear(rms_norm(x) * norm weight, ...)`),
-            the norm's scale applied to the float32 sums (so not rounded between, as eager is).
+            the norm's scale applied to the float32 sums (so not rounded between, as eager is; the tensor-core form
+            rounds `x * norm weight` to x's dtype for its products).
         silu: x is a fused gate/up output `(..., 2 K)`, and the product is of `silu(gate) * up` (rounded as
             `silu_mul`).
         residual (`(..., N)`): added to the rounded product (`residual + F.linear(...)`, as eager adds).
     """
     N, K = weight.shape
-    fused = norm is not None or residual is not None or silu
     x2 = _unit_stride(x.reshape(-1, 2 * K if silu else K))  # x2: [M, K] (silu: [M, 2 K])
     M = x2.shape[0]
-    if fused and M != 1:
-        raise ValueError(f"gemv's norm, silu and residual take one token, not {M}")
     w = _unit_stride(weight)
     out = x2.new_empty(M, N) if out is None else out
     block_n, block_k, warps, stages = config
     b = w if bias is None else bias
+    g, eps = norm if norm is not None else (w, 0.0)
+    r = w if residual is None else residual.reshape(M, N).contiguous()
+    fusions = {"NORM": norm is not None, "SILU": silu, "RESIDUAL": residual is not None}
     if M == 1:
-        g, eps = norm if norm is not None else (w, 0.0)
-        r = w if residual is None else _unit_stride(residual.reshape(-1, N))
         _gemv[(triton.cdiv(N, block_n),)](
-            x2, w, b, g, r, out, N, K, w.stride(0), float(eps), HAS_BIAS=bias is not None, NORM=norm is not None,
-            SILU=silu, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-            num_stages=stages,
+            x2, w, b, g, r, out, N, K, w.stride(0), float(eps), HAS_BIAS=bias is not None, **fusions,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     elif M:
         _skinny[(triton.cdiv(N, block_n),)](
-            x2, w, b, out, M, N, K, x2.stride(0), w.stride(0), HAS_BIAS=bias is not None, ROWS=rows_bucket(M),
-            BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=INTERPRET and x2.dtype != torch.float32,
+            x2, w, b, g, r, out, M, N, K, x2.stride(0), w.stride(0), float(eps), HAS_BIAS=bias is not None,
+            **fusions, ROWS=rows_bucket(M), BLOCK_N=block_n, BLOCK_K=block_k,
+            UPCAST=INTERPRET and x2.dtype != torch.float32,
             PRECISION="ieee" if x2.dtype == torch.float32 or INTERPRET else "tf32", num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
@@ -407,27 +406,44 @@ if triton is not None:
         tl.store(OUT + n, y.to(dt), mask=n < N)
 
     @triton.jit
-    def _skinny(X, Wt, B, OUT, M, N, K, stride_x, stride_w, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):  # fmt: skip
+    def _skinny(X, Wt, B, G, R, OUT, M, N, K, stride_x, stride_w, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                SILU: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
         """BLOCK_N output features per program for M <= ROWS tokens: OUT = X Wt^T (+ B), tensor-core products of
-        the (padded) tokens with blocks of K weight columns, summed in float32, rounded once."""
+        the (padded) tokens with blocks of K weight columns, summed in float32, rounded once. NORM, SILU and
+        RESIDUAL as in `_gemv` (the normed input rounded to X's dtype for the products)."""
+        dt = OUT.dtype.element_ty
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
         m = tl.arange(0, ROWS)  # m: [ROWS]
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        squares = tl.zeros([ROWS], tl.float32)  # NORM: each token's sum of squares
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+            live = (m[:, None] < M) & (k[None, :] < K)
+            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=live, other=0.0)
+            if SILU:  # rounded after each operation, as `silu_mul`
+                up = tl.load(X + m[:, None] * stride_x + K + k[None, :], mask=live, other=0.0).to(tl.float32)
+                gate = x.to(tl.float32)
+                x = ((gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up).to(dt)
+            if NORM:
+                xf = x.to(tl.float32)
+                squares += tl.sum(xf * xf, 1)
+                x = (xf * tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dt)
             w = tl.load(Wt + n[:, None] * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
             if UPCAST:  # the interpreter multiplies bfloat16 matrices wrongly: in float32 there
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)  # [ROWS, BLOCK_N]
+        if NORM:
+            acc = acc * tl.math.rsqrt(squares / K + eps)[:, None]
         if HAS_BIAS:
             acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            OUT + m[:, None] * N + n[None, :], acc.to(OUT.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N)
-        )
+        out = (m[:, None] < M) & (n[None, :] < N)
+        if RESIDUAL:
+            acc = acc.to(dt).to(tl.float32) + tl.load(R + m[:, None] * N + n[None, :], mask=out, other=0.0).to(
+                tl.float32
+            )
+        tl.store(OUT + m[:, None] * N + n[None, :], acc.to(dt), mask=out)
 
     @triton.jit
     def _silu_mul(GU, OUT, width, stride_gu, BLOCK: tl.constexpr):

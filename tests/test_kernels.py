@@ -6,6 +6,7 @@ in a child process started with `TRITON_INTERPRET=1` (this file is its script). 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -140,28 +141,25 @@ def check_gemv(device: str) -> None:
                     kernels.linear(xs, weight, b)
                     assert calls == [chosen]
                     kernels.SKINNY = False
-    for dtype in DTYPES:  # one token with the elementwise work around a decoder's products inside
-        for N, K in ((40, 300), (7, 520)):
-            torch.manual_seed(N + K)
+    for dtype in DTYPES:  # with the elementwise work around a decoder's products inside
+        for (N, K), M in itertools.product(((40, 300), (7, 520)), (1, 5)):  # one token, and the tensor-core form
+            torch.manual_seed(N + K + M)
             weight = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
-            bias, residual = torch.randn(N, device=device).to(dtype), torch.randn(1, 1, N, device=device).to(dtype)
-            x, gate_up = torch.randn(1, 1, K, device=device).to(dtype), torch.randn(1, 1, 2 * K, device=device)
+            bias, residual = torch.randn(N, device=device).to(dtype), torch.randn(M, 1, N, device=device).to(dtype)
+            x, gate_up = torch.randn(M, 1, K, device=device).to(dtype), torch.randn(M, 1, 2 * K, device=device)
             gate_up = (gate_up * 3).to(dtype)
             g, eps = torch.randn(K, device=device).to(dtype), 1e-6
             normed = (g.double() * F.rms_norm(x.double(), (K,), eps=eps)).to(dtype)  # unrounded inside: a unit
             activated = kernels.silu_mul(gate_up).double()  # `check_silu`: the eager rounding
-            for config in kernels.GEMV_CONFIGS[:3]:
+            for config in (kernels.GEMV_CONFIGS if M == 1 else kernels.SKINNY_CONFIGS)[:3]:
                 for b in (None, bias):
                     want = F.linear(normed.double(), weight.double(), None if b is None else b.double())
                     got = real(x, weight, b, config, norm=(g, eps))
-                    _assert_ulps(got, want.to(dtype), 2 if dtype == torch.bfloat16 else 16, ("norm", N, K), True)
+                    _assert_ulps(got, want.to(dtype), 2 if dtype == torch.bfloat16 else 16, ("norm", N, K, M), True)
                     product = F.linear(activated, weight.double(), None if b is None else b.double()).to(dtype)
                     want = (residual.double() + product.double()).to(dtype)  # the product rounded, then added
                     got = real(gate_up, weight, b, config, residual=residual, silu=True)
-                    _assert_ulps(got, want, 1 if dtype == torch.bfloat16 else 16, ("silu residual", N, K), True)
-    with pytest.raises(ValueError, match="take one token, not 2"):
-        real(torch.ones(2, 8, device=device), torch.ones(4, 8, device=device), None, kernels.GEMV_CONFIGS[0],
-             residual=torch.ones(2, 4, device=device))  # fmt: skip
+                    _assert_ulps(got, want, 1 + (M > 1), ("silu residual", N, K, M), True)
     assert [kernels.rows_bucket(M) for M in (1, 2, 16, 17, 64)] == [1, 16, 16, 32, 64]
     kernels._GEMV_CHOICE.clear()
     if device == "cuda":
@@ -337,29 +335,26 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "MASK": p, "COLS": "*i64", "OUT": p}
     attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
                                      "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
-    skinny = {"X": p, "Wt": p, "B": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32", "M": "i32",
-              "stride_x": "i32"}  # fmt: skip
     gemv = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32",
             "eps": "fp32"}  # fmt: skip
-    # as the fused forward launches it: plain, norm before (qkv with its bias), silu before and residual after
-    fusions = [{"NORM": False, "SILU": False, "RESIDUAL": False}, {"NORM": True, "SILU": False, "RESIDUAL": False},
-               {"NORM": False, "SILU": True, "RESIDUAL": True}]  # fmt: skip
+    skinny = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "M": "i32", "N": "i32", "K": "i32",
+              "stride_x": "i32", "stride_w": "i32", "eps": "fp32"}  # fmt: skip
+    # as the fused forward launches them: plain in every configuration, and (in the first, as the constexprs that
+    # differ are the same) with the norm before (qkv with its bias) or the SiLU product before and the sum after
+    plain = {"NORM": False, "SILU": False, "RESIDUAL": False}
+    fusions = [plain | {"NORM": True}, plain | {"SILU": True, "RESIDUAL": True}]
     precision = "ieee" if dtype == "fp32" else "tf32"
+    gemv_blocks = [{"BLOCK_N": n, "BLOCK_K": k} for n, k, _, _ in kernels.GEMV_CONFIGS]
+    skinny_blocks = [{"BLOCK_N": n, "BLOCK_K": k} for n, k, _, _ in kernels.SKINNY_CONFIGS]
+    skinny_rest = {"HAS_BIAS": True, "UPCAST": False, "PRECISION": precision}
     return {
         "_add_rms_norm": [(norm, {"HAS_DELTA": d, "BLOCK": 2048}) for d in (False, True)],
         "_rotary_into_cache": [(rotary, {"HALF": 64, "BLOCK": 64})],
         "_silu_mul": [(silu, {"BLOCK": 1024})],
-        "_gemv": [
-            (gemv, {"HAS_BIAS": b, "BLOCK_N": n, "BLOCK_K": k} | fusion)
-            for b in (False, True)
-            for n, k, _, _ in kernels.GEMV_CONFIGS
-            for fusion in fusions
-        ],
-        "_skinny": [
-            (skinny, {"HAS_BIAS": True, "ROWS": r, "BLOCK_N": n, "BLOCK_K": k, "UPCAST": False, "PRECISION": precision})
-            for r in (16, 64)
-            for n, k, _, _ in kernels.SKINNY_CONFIGS
-        ],
+        "_gemv": [(gemv, {"HAS_BIAS": b} | plain | blocks) for b in (False, True) for blocks in gemv_blocks]
+        + [(gemv, {"HAS_BIAS": True} | fusion | gemv_blocks[0]) for fusion in fusions],
+        "_skinny": [(skinny, skinny_rest | {"ROWS": r} | plain | blocks) for r in (16, 64) for blocks in skinny_blocks]
+        + [(skinny, skinny_rest | {"ROWS": 16} | fusion | skinny_blocks[0]) for fusion in fusions],
         "_decode_attention": [
             (attention, {"D": d, "M": m, "BLOCK_C": 64, "PRECISION": precision, "UPCAST": False})
             for d, m in ((64, 16), (128, 64))
