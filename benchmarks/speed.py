@@ -317,6 +317,7 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args, row:
     row["ms_per_graph_replay"] = {role: ms_per_replay(model, role) for model, role in models}
     # per (out, in, bias, rows) of the projections measured so far: the GEMV's configuration, or None (cuBLAS)
     row["gemv_choices"] = {str(k[2:]): v for k, v in kernels.gemv_choices().items()}
+    row["fusion_choices"] = {f"{k[0]} {k[3:]}": v for k, v in kernels.fusion_choices().items()}
     row["ms_per_prm_step"] = ms_per_prm_step(prm, tok, chunks[0], args.step_tokens, R, mode, 2 * N + 64)
     print(f"B={B} {mode}: per forward {row['ms_per_forward']} ms (floor {row['floor_ms']}; graph replay alone "
           f"{row['ms_per_graph_replay']}), "

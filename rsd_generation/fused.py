@@ -13,10 +13,10 @@ activation and output projections, the same math as the model's forward with an 
 in fewer kernels where nothing compiles them: each residual add goes with the norm after it, the rotary embedding
 rotates the queries and keys at once in place in the fused projection's output, and on CUDA those and the SiLU
 product run as one Triton kernel each (`kernels`), as do one-token projections whose shape measured faster
-in a Triton GEMV than in cuBLAS (`kernels.linear`). Such a GEMV takes the elementwise work around it too: the RMS
-norm before the qkv and gate/up products, the SiLU product before the down product, and the residual add after
-the output and down products, so a decoder layer at batch 1 runs six kernels (`norm_project`, `add_project`;
-with `kernels.SKINNY`, at up to 64 tokens too).
+in a Triton GEMV than in cuBLAS (`kernels.linear`). Such a GEMV takes the elementwise work around it too where
+that measured faster: the RMS norm before the qkv and gate/up products, the SiLU product after gate/up, and the
+residual add after the output and down products, so a decoder layer at batch 1 runs as few as six kernels
+(`norm_project`, `add_project`; with `kernels.SKINNY`, at up to 64 tokens too).
 """
 
 from __future__ import annotations
@@ -219,8 +219,9 @@ def fused_forward(
             o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
             o = o.transpose(1, 2).reshape(N, W, -1)
         x, delta = add_project(attn.o_proj, o, x, fast)
-        gate_up, x = norm_project(layer.post_attention_layernorm, x, delta, f.gate_up, f.gate_up_bias, fast)
-        x, delta = add_project(layer.mlp.down_proj, gate_up, x, fast, layer.mlp.act_fn)  # gate_up: [N, W, 2 I]
+        mlp = layer.mlp
+        a, x = norm_project(layer.post_attention_layernorm, x, delta, f.gate_up, f.gate_up_bias, fast, mlp.act_fn)
+        x, delta = add_project(mlp.down_proj, a, x, fast)  # a: [N, W, I], act_fn(gate) * up
     return add_norm(backbone.norm, x, delta, fast)[0]
 
 
@@ -241,31 +242,45 @@ def plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
 
 
-def norm_project(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
-                 bias: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """`(F.linear(norm(x + delta), weight, bias), x + delta)`. With nothing to add (`delta` None), where `fast`
-    allows the GEMV, it was chosen for this product and `kernels.GEMV_FUSION` is on, the RMS norm runs inside it:
-    one kernel."""
-    if fast and kernels.GEMV_FUSION and delta is None and _rms_norm_kernel(norm, x):
-        config = kernels.gemv_config(x, weight, bias)
-        if config is not None:
-            return kernels.gemv(x, weight, bias, config, norm=(norm.weight, norm.variance_epsilon)), x
+def norm_project(
+    norm: nn.Module,
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fast: bool,
+    act_fn: nn.Module | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """`(F.linear(norm(x + delta), weight, bias), x + delta)`; with `act_fn`, `weight` is a fused gate/up and the
+    first result `act_fn(gate) * up`. Where `fast` allows the GEMV, it was chosen for this product and
+    `kernels.GEMV_FUSION` is on, the GEMV takes in the RMS norm (with nothing to add, `delta` None) and the SiLU
+    product, each where it measured faster so (`kernels.fusion_pays`)."""
+    config = kernels.gemv_config(x, weight, bias) if fast and kernels.GEMV_FUSION else None
+    norm_inside = config is not None and delta is None and _rms_norm_kernel(norm, x)
+    norm_inside = norm_inside and kernels.fusion_pays("norm", x, weight, bias, config)
+    gated = config is not None and act_fn is not None and _silu_kernel(act_fn)
+    gated = gated and kernels.fusion_pays("gated", x, weight, bias, config)
+    if norm_inside or gated:
+        h = x
+        if not norm_inside:
+            h, x = add_norm(norm, x, delta, fast)
+        inside = (norm.weight, norm.variance_epsilon) if norm_inside else None
+        y = kernels.gemv(h, weight, bias, config, norm=inside, gated=gated)
+        return y if gated or act_fn is None else activate(act_fn, y, fast), x
     h, x = add_norm(norm, x, delta, fast)
-    return project(h, weight, bias, fast), x
+    y = project(h, weight, bias, fast)
+    return y if act_fn is None else activate(act_fn, y, fast), x
 
 
-def add_project(module: nn.Module, a: torch.Tensor, x: torch.Tensor, fast: bool,
-                act_fn: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """The residual stream `x` and what `module` adds to it from `a` (with `act_fn`: from `act_fn(gate) * up` of
-    the fused `a`): `(x + module(a), None)` by one GEMV where `fast` allows it, it was chosen for this product and
-    `kernels.GEMV_FUSION` is on (the SiLU product in its prologue, the sum in its epilogue); else `(x, module(a))`,
-    for the next norm's kernel to add."""
-    silu = act_fn is not None
-    if fast and kernels.GEMV_FUSION and plain_linear(module) and (not silu or _silu_kernel(act_fn)):
-        config = kernels.gemv_config(a[..., : module.in_features], module.weight, module.bias)
+def add_project(module: nn.Module, a: torch.Tensor, x: torch.Tensor, fast: bool) -> tuple[torch.Tensor, ...]:
+    """The residual stream `x` and what `module` adds to it from `a`: `(x + module(a), None)` by one GEMV where
+    `fast` allows it, it was chosen for this product and `kernels.GEMV_FUSION` is on (the sum in its epilogue, for
+    the next norm to run inside its GEMV); else `(x, module(a))`, for the next norm's kernel to add."""
+    if fast and kernels.GEMV_FUSION and plain_linear(module):
+        config = kernels.gemv_config(a, module.weight, module.bias)
         if config is not None:
-            return kernels.gemv(a, module.weight, module.bias, config, residual=x, silu=silu), None
-    return x, linear(module, activate(act_fn, a, fast) if silu else a, fast)
+            return kernels.gemv(a, module.weight, module.bias, config, residual=x), None
+    return x, linear(module, a, fast)
 
 
 def add_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, fast: bool) -> tuple[torch.Tensor, ...]:

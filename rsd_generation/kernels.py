@@ -258,12 +258,62 @@ def gemv_choices() -> dict[tuple, tuple | None]:
     return dict(_GEMV_CHOICE)
 
 
-def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
-    """`gemv_choice`'s timing for `x` `(rows, K)` (on a side stream: the caller may be warming a capture up)."""
+def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor] | None:
+    """Copies of `weight` adding up to more than an L2 cache (so timed products read it from memory), as many as a
+    model's layers at most; None where the GPU has no room for them."""
     size = weight.numel() * weight.element_size()
     try:
-        copies = [weight.clone() for _ in range(max(2, min(28, -(-(256 << 20) // size))))]  # beyond a 50 MB L2
-    except torch.cuda.OutOfMemoryError:  # no room to time it: cuBLAS
+        return [weight.clone() for _ in range(max(2, min(28, -(-(256 << 20) // size))))]  # beyond a 50 MB L2
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def fusion_pays(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                config: tuple[int, int, int, int]) -> bool:  # fmt: skip
+    """Whether `gemv` in `config` with `fusion` inside (`"norm"`: the RMS norm before; `"gated"`: the SiLU product
+    after, of a fused gate/up `weight`) measured at least as fast as with that work in its own kernel
+    (`add_rms_norm`, `silu_mul`), for `x`'s tokens on its device: timed once per shape as `gemv_choice` times.
+    Under the interpreter (tests) always; on a GPU, False while a graph is being captured and nothing was measured."""
+    K = x.shape[-1]
+    key = (fusion, str(x.device), x.dtype, *weight.shape, bias is not None, rows_bucket(x.numel() // K), config)
+    if key not in _FUSION_PAYS:
+        if not x.is_cuda:
+            return INTERPRET
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _FUSION_PAYS[key] = _measure_fusion(fusion, x.reshape(-1, K).clone(), weight, bias, config)
+    return _FUSION_PAYS[key]
+
+
+_FUSION_PAYS: dict[tuple, bool] = {}  # by (fusion, device, dtype, N, K, bias, rows bucket, configuration)
+
+
+def fusion_choices() -> dict[tuple, bool]:
+    """What `fusion_pays` measured so far: (fusion, device, dtype, N, K, bias, rows, configuration) -> inside."""
+    return dict(_FUSION_PAYS)
+
+
+def _measure_fusion(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    config: tuple[int, int, int, int]) -> bool:  # fmt: skip
+    """`fusion_pays`'s timing for `x` `(M, K)`: each way over `_weight_copies`, in CUDA graphs."""
+    copies = _weight_copies(weight)
+    if copies is None:
+        return False
+    g = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+    if fusion == "norm":
+        inside = [lambda w=w: gemv(x, w, bias, config, norm=(g, 1e-6)) for w in copies]
+        apart = [lambda w=w: gemv(add_rms_norm(x, g, 1e-6)[0], w, bias, config) for w in copies]
+    else:
+        inside = [lambda w=w: gemv(x, w, bias, config, gated=True) for w in copies]
+        apart = [lambda w=w: silu_mul(gemv(x, w, bias, config)) for w in copies]
+    seconds = [graph_seconds(lambda fns=fns: [f() for f in fns], x.device) for fns in (inside, apart)]
+    return seconds[0] <= seconds[1]
+
+
+def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
+    """`gemv_choice`'s timing for `x` `(rows, K)` (on a side stream: the caller may be warming a capture up)."""
+    copies = _weight_copies(weight)
+    if copies is None:  # no room to time it: cuBLAS
         return None
     out = x.new_empty(x.shape[0], weight.shape[0])
     times = {None: graph_seconds(lambda: [F.linear(x, w, bias) for w in copies], x.device)}
@@ -301,7 +351,7 @@ def graph_seconds(fn, device: torch.device, replays: int = 3, warmups: int = 1) 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
          out: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
-         residual: torch.Tensor | None = None, silu: bool = False) -> torch.Tensor:  # fmt: skip
+         gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """A few tokens times a weight, `F.linear(x, weight, bias)` for `x` `(..., K)`, each program streaming `BLOCK_N`
     rows of `weight` `(N, K)` in blocks of `BLOCK_K` columns through every token, summed in float32 and rounded once
     (bias included): one token as products and sums (`_gemv`), more as tensor-core products with the tokens padded
@@ -312,34 +362,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         norm (`(weight, eps)`): the product of the RMS norm of x (`F.linear(rms_norm(x) * norm weight, ...)`),
             the norm's scale applied to the float32 sums (so not rounded between, as eager is; the tensor-core form
             rounds `x * norm weight` to x's dtype for its products).
-        silu: x is a fused gate/up output `(..., 2 K)`, and the product is of `silu(gate) * up` (rounded as
-            `silu_mul`).
-        residual (`(..., N)`): added to the rounded product (`residual + F.linear(...)`, as eager adds).
+        gated: `weight` is a fused gate/up `(2 I, K)` and the result `silu(gate) * up` `(..., I)`, each program
+            taking a gate row and its up row (rounded as `silu_mul` after the products).
+        residual (`(..., N)`): added to the rounded result (`residual + F.linear(...)`, as eager adds).
     """
     N, K = weight.shape
-    x2 = _unit_stride(x.reshape(-1, 2 * K if silu else K))  # x2: [M, K] (silu: [M, 2 K])
+    x2 = _unit_stride(x.reshape(-1, K))  # x2: [M, K]
     M = x2.shape[0]
     w = _unit_stride(weight)
-    out = x2.new_empty(M, N) if out is None else out
+    width = N // 2 if gated else N  # output features
+    out = x2.new_empty(M, width) if out is None else out
     block_n, block_k, warps, stages = config
     b = w if bias is None else bias
     g, eps = norm if norm is not None else (w, 0.0)
-    r = w if residual is None else residual.reshape(M, N).contiguous()
-    fusions = {"NORM": norm is not None, "SILU": silu, "RESIDUAL": residual is not None}
+    r = w if residual is None else residual.reshape(M, width).contiguous()
+    fusions = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual is not None}
     if M == 1:
-        _gemv[(triton.cdiv(N, block_n),)](
-            x2, w, b, g, r, out, N, K, w.stride(0), float(eps), HAS_BIAS=bias is not None, **fusions,
+        _gemv[(triton.cdiv(width, block_n),)](
+            x2, w, b, g, r, out, width, K, w.stride(0), float(eps), HAS_BIAS=bias is not None, **fusions,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     elif M:
-        _skinny[(triton.cdiv(N, block_n),)](
-            x2, w, b, g, r, out, M, N, K, x2.stride(0), w.stride(0), float(eps), HAS_BIAS=bias is not None,
+        _skinny[(triton.cdiv(width, block_n),)](
+            x2, w, b, g, r, out, M, width, K, x2.stride(0), w.stride(0), float(eps), HAS_BIAS=bias is not None,
             **fusions, ROWS=rows_bucket(M), BLOCK_N=block_n, BLOCK_K=block_k,
             UPCAST=INTERPRET and x2.dtype != torch.float32,
             PRECISION="ieee" if x2.dtype == torch.float32 or INTERPRET else "tf32", num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
-    return out.view(*x.shape[:-1], N)
+    return out.view(*x.shape[:-1], width)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -373,77 +424,92 @@ if triton is not None:
         tl.store(OUT + row * H + cols, (w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty), mask=m)
 
     @triton.jit
+    def _finish(y, up, B, R, n, r_offset, N, live, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                RESIDUAL: tl.constexpr, dt: tl.constexpr):  # fmt: skip
+        """The float32 sums `y` (GATED: and `up`, of weight rows N + n) of output features n, biased, gated
+        (silu(gate) * up, rounded after each as `silu_mul`), the residual R added (at `r_offset + n`): in dt."""
+        if HAS_BIAS:
+            y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)
+            if GATED:
+                up += tl.load(B + N + n, mask=n < N, other=0.0).to(tl.float32)
+        if GATED:
+            gate, up = y.to(dt).to(tl.float32), up.to(dt).to(tl.float32)
+            y = ((gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
+        if RESIDUAL:
+            y = y.to(dt).to(tl.float32) + tl.load(R + r_offset + n, mask=live, other=0.0).to(tl.float32)
+        return y.to(dt)
+
+    @triton.jit
     def _gemv(X, Wt, B, G, R, OUT, N, K, stride_w, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-              SILU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+              GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):  # fmt: skip
         """BLOCK_N output features per program: OUT = X Wt^T (+ B) for one token, products summed in float32 per
         lane over the blocks of K, then across lanes, rounded once. NORM: X's RMS norm times G is the input (its
-        scale applied to the sums); SILU: X is [gate, up] and silu(gate) * up the input; RESIDUAL: OUT = R + the
-        rounded product."""
-        dt = OUT.dtype.element_ty
+        scale applied to the sums); GATED: Wt has 2 N rows and OUT = silu(gate) * up of its two halves' results;
+        RESIDUAL: OUT = R + the rounded result."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
+        rows = n[:, None] < N
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up half's
         squares = tl.zeros([BLOCK_K], tl.float32)  # NORM: X's squares, per lane
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            w = tl.load(Wt + n[:, None] * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0,
-                        eviction_policy="evict_first")  # fmt: skip
+            at = Wt + n[:, None] * stride_w + k[None, :]
+            w = tl.load(at, mask=rows & (k[None, :] < K), other=0.0, eviction_policy="evict_first")
             x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
-            if SILU:  # rounded after each operation, as `silu_mul`
-                up = tl.load(X + K + k, mask=k < K, other=0.0).to(tl.float32)
-                x = ((x / (1.0 + tl.exp(-x))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
             if NORM:
                 squares += x * x
                 x = x * tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, 1)  # y: [BLOCK_N]
+            if GATED:
+                w_up = tl.load(
+                    at + N * stride_w, mask=rows & (k[None, :] < K), other=0.0, eviction_policy="evict_first"
+                )
+                acc_up += w_up.to(tl.float32) * x[None, :]
+        y, up = tl.sum(acc, 1), tl.sum(acc_up, 1)  # y: [BLOCK_N]
         if NORM:
-            y = y * tl.math.rsqrt(tl.sum(squares, 0) / K + eps)
-        if HAS_BIAS:
-            y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            y = y.to(dt).to(tl.float32) + tl.load(R + n, mask=n < N, other=0.0).to(tl.float32)
-        tl.store(OUT + n, y.to(dt), mask=n < N)
+            scale = tl.math.rsqrt(tl.sum(squares, 0) / K + eps)
+            y, up = y * scale, up * scale
+        out = _finish(y, up, B, R, n, 0, N, n < N, HAS_BIAS, GATED, RESIDUAL, OUT.dtype.element_ty)
+        tl.store(OUT + n, out, mask=n < N)
 
     @triton.jit
     def _skinny(X, Wt, B, G, R, OUT, M, N, K, stride_x, stride_w, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                SILU: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                GATED: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
         """BLOCK_N output features per program for M <= ROWS tokens: OUT = X Wt^T (+ B), tensor-core products of
-        the (padded) tokens with blocks of K weight columns, summed in float32, rounded once. NORM, SILU and
+        the (padded) tokens with blocks of K weight columns, summed in float32, rounded once. NORM, GATED and
         RESIDUAL as in `_gemv` (the normed input rounded to X's dtype for the products)."""
         dt = OUT.dtype.element_ty
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
         m = tl.arange(0, ROWS)  # m: [ROWS]
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([ROWS, BLOCK_N], tl.float32)  # GATED: the up half's
         squares = tl.zeros([ROWS], tl.float32)  # NORM: each token's sum of squares
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            live = (m[:, None] < M) & (k[None, :] < K)
-            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=live, other=0.0)
-            if SILU:  # rounded after each operation, as `silu_mul`
-                up = tl.load(X + m[:, None] * stride_x + K + k[None, :], mask=live, other=0.0).to(tl.float32)
-                gate = x.to(tl.float32)
-                x = ((gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up).to(dt)
+            x = tl.load(X + m[:, None] * stride_x + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
             if NORM:
                 xf = x.to(tl.float32)
                 squares += tl.sum(xf * xf, 1)
                 x = (xf * tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dt)
-            w = tl.load(Wt + n[:, None] * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0,
-                        eviction_policy="evict_first")  # fmt: skip
+            at = Wt + n[:, None] * stride_w + k[None, :]
+            live = (n[:, None] < N) & (k[None, :] < K)
+            w = tl.load(at, mask=live, other=0.0, eviction_policy="evict_first")
             if UPCAST:  # the interpreter multiplies bfloat16 matrices wrongly: in float32 there
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)  # [ROWS, BLOCK_N]
+            if GATED:
+                w_up = tl.load(at + N * stride_w, mask=live, other=0.0, eviction_policy="evict_first")
+                if UPCAST:
+                    w_up = w_up.to(tl.float32)
+                acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
         if NORM:
-            acc = acc * tl.math.rsqrt(squares / K + eps)[:, None]
-        if HAS_BIAS:
-            acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        out = (m[:, None] < M) & (n[None, :] < N)
-        if RESIDUAL:
-            acc = acc.to(dt).to(tl.float32) + tl.load(R + m[:, None] * N + n[None, :], mask=out, other=0.0).to(
-                tl.float32
-            )
-        tl.store(OUT + m[:, None] * N + n[None, :], acc.to(dt), mask=out)
+            scale = tl.math.rsqrt(squares / K + eps)[:, None]
+            acc, acc_up = acc * scale, acc_up * scale
+        live = (m[:, None] < M) & (n[None, :] < N)
+        out = _finish(acc, acc_up, B, R, n[None, :], m[:, None] * N, N, live, HAS_BIAS, GATED, RESIDUAL, dt)
+        tl.store(OUT + m[:, None] * N + n[None, :], out, mask=live)
 
     @triton.jit
     def _silu_mul(GU, OUT, width, stride_gu, BLOCK: tl.constexpr):

@@ -11,7 +11,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 import rsd_generation as rsd
 from rsd_generation import fast
-from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step
+from rsd_generation.decoding import RowIds, Sampling, StepRules, catch_up_mode, decode_step
 from rsd_generation.fast import StaticRowCache, fast_mode, release_fast_caches, row_cache
 from rsd_generation.kv import RowCache, causal_lm_forward, pad_right
 from rsd_generation.testing import make_lm
@@ -47,8 +47,10 @@ def _same(a, b) -> None:
 def test_fast_path_gives_the_plain_paths_tokens(pair, dev_prm, tok, mode):
     target, draft = pair
     delta = median_reward(target, draft, dev_prm, tok, PROMPTS)  # both branches run
+    along = catch_up_mode("auto", fast_mode(mode, target))  # the catch-up the fast path runs, on the plain too
     for d in (0.0, delta, 1.5):
-        plain = rsd_generate(target, draft, dev_prm, tok, PROMPTS, rsd_threshold=d, rsd_fast_path="off")
+        plain = rsd_generate(target, draft, dev_prm, tok, PROMPTS, rsd_threshold=d, rsd_fast_path="off",
+                             rsd_catch_up=along)  # fmt: skip
         fast = rsd_generate(target, draft, dev_prm, tok, PROMPTS, rsd_threshold=d, rsd_fast_path=mode)
         _same(fast, plain)
         if d == delta:

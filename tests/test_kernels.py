@@ -144,22 +144,27 @@ def check_gemv(device: str) -> None:
     for dtype in DTYPES:  # with the elementwise work around a decoder's products inside
         for (N, K), M in itertools.product(((40, 300), (7, 520)), (1, 5)):  # one token, and the tensor-core form
             torch.manual_seed(N + K + M)
-            weight = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
-            bias, residual = torch.randn(N, device=device).to(dtype), torch.randn(M, 1, N, device=device).to(dtype)
-            x, gate_up = torch.randn(M, 1, K, device=device).to(dtype), torch.randn(M, 1, 2 * K, device=device)
-            gate_up = (gate_up * 3).to(dtype)
+            weight = (torch.randn(2 * N, K, device=device) * K**-0.5).to(dtype)  # a fused gate/up, or two products
+            bias, residual = torch.randn(2 * N, device=device).to(dtype), torch.randn(M, 1, 2 * N, device=device)
+            x, residual = torch.randn(M, 1, K, device=device).to(dtype), residual.to(dtype)
             g, eps = torch.randn(K, device=device).to(dtype), 1e-6
             normed = (g.double() * F.rms_norm(x.double(), (K,), eps=eps)).to(dtype)  # unrounded inside: a unit
-            activated = kernels.silu_mul(gate_up).double()  # `check_silu`: the eager rounding
             for config in (kernels.GEMV_CONFIGS if M == 1 else kernels.SKINNY_CONFIGS)[:3]:
                 for b in (None, bias):
-                    want = F.linear(normed.double(), weight.double(), None if b is None else b.double())
+                    b64 = None if b is None else b.double()
+                    want = F.linear(normed.double(), weight.double(), b64).to(dtype)
                     got = real(x, weight, b, config, norm=(g, eps))
-                    _assert_ulps(got, want.to(dtype), 2 if dtype == torch.bfloat16 else 16, ("norm", N, K, M), True)
-                    product = F.linear(activated, weight.double(), None if b is None else b.double()).to(dtype)
-                    want = (residual.double() + product.double()).to(dtype)  # the product rounded, then added
-                    got = real(gate_up, weight, b, config, residual=residual, silu=True)
-                    _assert_ulps(got, want, 1 + (M > 1), ("silu residual", N, K, M), True)
+                    _assert_ulps(got, want, 2 if dtype == torch.bfloat16 else 16, ("norm", N, K, M), True)
+                    gate_up = F.linear(x.double(), weight.double(), b64).to(dtype)  # the eager rounding after
+                    want = kernels.silu_mul(gate_up)  # `check_silu`
+                    got = real(x, weight, b, config, gated=True)
+                    _assert_ulps(got, want, 1 + (M > 1), ("gated", N, K, M), True)
+                    both = real(x, weight, b, config, norm=(g, eps), gated=True)
+                    want = kernels.silu_mul(F.linear(normed.double(), weight.double(), b64).to(dtype))
+                    _assert_ulps(both, want, 3 if dtype == torch.bfloat16 else 16, ("norm gated", N, K, M), True)
+                    want = (residual.double() + F.linear(x.double(), weight.double(), b64).to(dtype)).to(dtype)
+                    got = real(x, weight, b, config, residual=residual)  # the product rounded, then added
+                    _assert_ulps(got, want, 1 + (M > 1), ("residual", N, K, M), True)
     assert [kernels.rows_bucket(M) for M in (1, 2, 16, 17, 64)] == [1, 16, 16, 32, 64]
     kernels._GEMV_CHOICE.clear()
     if device == "cuda":
@@ -219,7 +224,7 @@ def check_forward(device: str) -> None:
     from rsd_generation.kv import pad_right
     from rsd_generation.testing import make_lm, make_qwen3
 
-    choose, real = kernels.gemv_choice, kernels.gemv
+    choose, real, pays = kernels.gemv_choice, kernels.gemv, kernels.fusion_pays
     fusions = set()  # the elementwise work the GEMV took in (one-token forwards)
 
     def recorded(*args, **fused):
@@ -248,6 +253,7 @@ def check_forward(device: str) -> None:
                 kernels.ENABLED, kernels.ATTENTION = enabled, attention
                 # gemv: every one-token projection by the GEMV (on a GPU the measured choice may keep cuBLAS)
                 kernels.gemv_choice = forced if gemv else choose
+                kernels.fusion_pays = (lambda *args: True) if gemv else pays  # forced too (a GPU measures them)
                 kernels.SKINNY = gemv == "skinny"
                 cache = fast.row_cache(model, f"kernels-{enabled}-{attention}-{gemv}", 3, 0, "static", 64)
                 cache.feed(*pad_right([[5, 6, 7, 8], [9, 10], [11, 12, 13]], 0))
@@ -260,9 +266,13 @@ def check_forward(device: str) -> None:
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
                 # the gathered row's one-token forward ran its norms, SiLU product and residual adds in the GEMV
-                assert fusions == ({"norm", "silu", "residual"} if gemv and enabled else set()), (name, fusions)
+                if gemv and enabled:  # all three (forced as the GEMV is)
+                    assert fusions == {"norm", "gated", "residual"}, (name, fusions)
+                elif not enabled or device == "cpu":  # on a GPU the GEMV may have been chosen for some products
+                    assert fusions == set(), (name, fusions)
                 fusions.clear()
             kernels.ENABLED, kernels.ATTENTION, kernels.gemv_choice, kernels.SKINNY = True, False, choose, False
+            kernels.fusion_pays = pays
             for out, what in zip(outs[1:], variants[1:], strict=True):  # what: (kernels, attention, gemv)
                 # bfloat16: a unit of rounding at the logits' scale (4.5: 0.03); the tensor-core form sums a few
                 # tokens' products in its own order, and the interpreter rounds its casts toward zero: 1.5 units
@@ -340,9 +350,9 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     skinny = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "M": "i32", "N": "i32", "K": "i32",
               "stride_x": "i32", "stride_w": "i32", "eps": "fp32"}  # fmt: skip
     # as the fused forward launches them: plain in every configuration, and (in the first, as the constexprs that
-    # differ are the same) with the norm before (qkv with its bias) or the SiLU product before and the sum after
-    plain = {"NORM": False, "SILU": False, "RESIDUAL": False}
-    fusions = [plain | {"NORM": True}, plain | {"SILU": True, "RESIDUAL": True}]
+    # differ are the same) with the norm before (qkv), with it and the SiLU product after (gate/up), the sum after
+    plain = {"NORM": False, "GATED": False, "RESIDUAL": False}
+    fusions = [plain | {"NORM": True}, plain | {"NORM": True, "GATED": True}, plain | {"RESIDUAL": True}]
     precision = "ieee" if dtype == "fp32" else "tf32"
     gemv_blocks = [{"BLOCK_N": n, "BLOCK_K": k} for n, k, _, _ in kernels.GEMV_CONFIGS]
     skinny_blocks = [{"BLOCK_N": n, "BLOCK_K": k} for n, k, _, _ in kernels.SKINNY_CONFIGS]
@@ -439,7 +449,7 @@ def test_kernels_on_the_gpu(check):
     from rsd_generation import kernels
 
     saved = {name: getattr(kernels, name) for name in ("ENABLED", "ATTENTION", "decode_attention", "gemv",
-                                                       "gemv_choice", "SKINNY")}  # fmt: skip
+                                                       "gemv_choice", "fusion_pays", "SKINNY")}  # fmt: skip
     try:
         globals()[f"check_{check}"]("cuda")
     finally:  # the checks switch kernels on and off, and count calls: later tests get the module as it was
