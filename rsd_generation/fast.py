@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import kernels
 from .fused import fused_forward, fused_layout
 from .kv import (
     RowCache,
@@ -468,8 +469,8 @@ class StaticRowCache(RowCache):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-            static_out = fn(*args)  # thread_local: another thread's CUDA calls cannot invalidate this capture
+        with kernels.capturing(graph, side, self._pool):
+            static_out = fn(*args)
         self._captured[key] = (graph, buf, static_out)
         graph.replay()  # this chunk's K/V and output from the graph's own kernels (cuBLAS may choose other ones
         torch.cuda.synchronize(self.device)  # under capture), so a width gives the same numbers on every use

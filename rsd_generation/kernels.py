@@ -35,6 +35,8 @@ eager operations.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import warnings
 
@@ -59,13 +61,16 @@ GEMV_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
     (2, 1024, 4, 1), (2, 1024, 4, 4), (2, 1024, 4, 3), (4, 512, 4, 1), (8, 512, 4, 3), (8, 512, 8, 3), (16, 1024, 8, 4)
 )  # fmt: skip
 GEMV_FUSION = True  # the fused forward's one-token GEMVs take the norms, SiLU product and residual adds around them
-SKINNY = False  # projections of 2 to MAX_SKINNY_ROWS tokens by `gemv`'s tensor-core form (off until measured on a GPU)
+SKINNY = False  # projections of 2 to MAX_SKINNY_ROWS tokens by `gemv`'s tensor-core form (off: at most 5-16% over
+# cuBLAS on an H100 at 16 tokens, slower at 64 for most shapes; not yet measured in whole forwards)
 MAX_SKINNY_ROWS = 64
-# the same for 2 to 64 tokens (rows padded to a power of 2 from 16, as tensor-core products take them); guesses
-# until `benchmarks.gemv_sweep --tokens 16 64` has run on a GPU, kept to tiles whose pipeline fits a Hopper SM's
-# shared memory at 64 rows (on an H100, (16, 1024, 8, 3) asked 256 KB at 16 rows of the 227 KB there)
+# the same for 2 to 64 tokens (rows padded to a power of 2 from 16, as tensor-core products take them): the best
+# of a 72-configuration sweep at 16 or 64 tokens for some Qwen2.5-Math 1.5B or 7B projection on an H100
+# (`benchmarks.gemv_sweep --tokens 16 64`, gemv-sweep-skinny-h100.json) among those that built at 64 rows (larger
+# tiles need more shared memory than an SM has)
 SKINNY_CONFIGS: tuple[tuple[int, int, int, int], ...] = (
-    (16, 256, 4, 3), (16, 128, 4, 4), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3)
+    (16, 256, 4, 4), (32, 256, 4, 4), (16, 128, 4, 4), (32, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4),
+    (32, 256, 4, 3)
 )  # fmt: skip
 MAX_GEMV_BYTES = 512 << 20  # larger weights stay cuBLAS's (the timing copies would take a GB)
 GEMV_MIN_GAIN = 0.95  # `gemv` is chosen where it takes at most this share of cuBLAS's time
@@ -330,6 +335,22 @@ def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return best if best is not None and times[best] <= GEMV_MIN_GAIN * times[None] else None
 
 
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, pool=None):
+    """Capture `graph` on `stream` (`torch.cuda.graph`, which collects garbage first) in thread-local error mode, so
+    that another thread's CUDA calls cannot invalidate it, with Python's cyclic garbage collector paused: an object
+    holding a CUDA graph that a collection frees mid-capture (a released cache's) resets that graph, which a capture
+    does not permit (a capture on an H100 failed so once, after such resets)."""
+    collecting = gc.isenabled()
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        gc.disable()
+        try:
+            yield
+        finally:
+            if collecting:
+                gc.enable()
+
+
 def graph_seconds(fn, device: torch.device, replays: int = 3, warmups: int = 1) -> float:
     """The best of `replays` replays of `fn` captured as a CUDA graph on a side stream (after `warmups` runs there),
     in seconds: the device time of its kernels back to back, no launch gaps."""
@@ -339,7 +360,7 @@ def graph_seconds(fn, device: torch.device, replays: int = 3, warmups: int = 1) 
         for _ in range(warmups):
             fn()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):  # as `fast` captures
+        with capturing(graph, side):  # as `fast` captures
             fn()
         best = float("inf")
         for _ in range(replays):
@@ -360,7 +381,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     rows of `weight` `(N, K)` in blocks of `BLOCK_K` columns through every token, summed in float32 and rounded once
     (bias included): one token as products and sums (`_gemv`), more as tensor-core products with the tokens padded
     to `rows_bucket` rows (`_skinny`). `config`: `(BLOCK_N, BLOCK_K, num_warps, num_stages)`, as in `GEMV_CONFIGS`
-    (one token) or `SKINNY_CONFIGS`.
+    (one token) or `SKINNY_CONFIGS` (whose BLOCK_K counts 2-byte columns: float32 loads half as many, so that its
+    tiles take the shared memory the configuration was measured with).
 
     The elementwise work around a decoder's projections can run inside, a kernel fewer each:
         norm (`(weight, eps)`): the product of the RMS norm of x (`F.linear(rms_norm(x) * norm weight, ...)`),
@@ -389,7 +411,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     elif M:
         _skinny[(triton.cdiv(width, block_n),)](
             x2, w, b, g, r, out, M, width, K, x2.stride(0), w.stride(0), float(eps), HAS_BIAS=bias is not None,
-            **fusions, ROWS=rows_bucket(M), BLOCK_N=block_n, BLOCK_K=block_k,
+            **fusions, ROWS=rows_bucket(M), BLOCK_N=block_n, BLOCK_K=max(16, block_k * 2 // x2.element_size()),
             UPCAST=INTERPRET and x2.dtype != torch.float32,
             PRECISION="ieee" if x2.dtype == torch.float32 or INTERPRET else "tf32", num_warps=warps,
             num_stages=stages,

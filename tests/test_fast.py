@@ -205,3 +205,36 @@ def test_a_step_whose_end_the_host_knows_queues_no_extra_forward(tok, max_step_t
     )
     assert [len(y) for y in steps] == [forwards, forwards]
     assert cache.forward_calls == forwards  # the prompt chunk and one forward per later token
+
+
+def test_captures_pause_the_garbage_collector(monkeypatch):
+    """A capture runs in thread-local error mode with Python's cyclic collector paused (a collection freeing a
+    released cache's graph mid-capture would reset it, which invalidates the capture), and leaves it as it was, after
+    an error too."""
+    import contextlib
+    import gc
+
+    from rsd_generation import kernels
+
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(graph, pool=None, stream=None, capture_error_mode=None):  # torch.cuda.graph, without a GPU
+        seen.append(("capture", gc.isenabled(), capture_error_mode))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    assert gc.isenabled()
+    with kernels.capturing(object(), None):
+        seen.append(("body", gc.isenabled()))
+    assert seen == [("capture", True, "thread_local"), ("body", False)] and gc.isenabled()
+    with pytest.raises(RuntimeError, match="inside"), kernels.capturing(object(), None):
+        raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller's paused collector stays paused
+        with kernels.capturing(object(), None):
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
