@@ -22,7 +22,14 @@ weights take to read. These kernels do per token, in one launch each, what those
   and 256 columns per program, every shape) made a draft token slower (2.05 -> 3.01 ms) and was removed; this one
   takes the block shapes a sweep chose (`benchmarks.gemv_sweep`: on an H100 it beat cuBLAS on every projection of
   Qwen2.5-Math 1.5B and 7B by 9-31%), and only where it wins: at batch 1 on an H100 a draft token went from 2.24
-  to 2.00 ms and a target one from 5.93 to 5.48 (a GPU out of memory for the timing copies keeps cuBLAS).
+  to 2.00 ms and a target one from 5.93 to 5.48 (a GPU out of memory for the timing copies keeps cuBLAS). The
+  GEMV can take the elementwise work around a layer's products (`gemv(norm=, gated=, residual=)`): the RMS norm
+  before, the SiLU product of a fused gate/up after, the residual add after; the fused forward lets it where
+  `fusion_pays` timed that faster than the separate kernel (on an H100 at batch 1: draft 2.008 -> 1.944 ms, target
+  5.627 -> 5.574). Its tensor-core form for 2 to 64 tokens (`SKINNY`) is off: at most 16% over cuBLAS at 16
+  tokens on an H100, slower at 64 for most shapes.
+
+`capturing` is how the fast path and these timings capture a CUDA graph.
 
 Each rounds where the model's own modules round (to the model's dtype after every operation they run in it). The
 results equal the eager ones within a unit of rounding (the norm sums in another order); on an H200 the compiled
