@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 
 
 def run_once(args, cache_dir: str, out: Path) -> dict:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "mode": args.mode,
         "runs": [],
-        "command": " ".join(["python -m rsd_generation.benchmarks.compile_cache", *(argv or sys.argv[1:])]),
+        "command": command_line("compile_cache", argv),
     }
     with tempfile.TemporaryDirectory(prefix="rsd-compile-cache-") as tmp:
         cache = str(Path(tmp) / "inductor")

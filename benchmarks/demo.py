@@ -14,7 +14,6 @@ import argparse
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from transformers import AutoModelForCausalLM
 import rsd_generation as rsd
 from rsd_generation.testing import build_tokenizer, make_lm, save_value_head_prm
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .methods import plain_positions, trim
 
 
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": prompts,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": " ".join(["python -m rsd_generation.benchmarks.demo", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("demo", argv),
     }
     write_json_atomic(out / "results.json", result)
     print(f"wrote {out / 'results.json'}")

@@ -13,7 +13,6 @@ weight stored transposed (`[K, N]`), `W @ x.T`, and `torch.mv` at M = 1; each un
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ import transformers
 
 from rsd_generation import kernels
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .speed import QWEN_1_5B, QWEN_7B
 
 
@@ -64,7 +63,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     torch.manual_seed(0)
-    rows = []
+    rows = []  # written after each: an interrupted run keeps what it measured (complete: false)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "dtype": "bfloat16",
+        "rows": rows,
+        "complete": False,
+        "command": command_line("gemm_forms", argv),
+    }
     for model, shapes in {"1.5b": QWEN_1_5B, "7b": QWEN_7B}.items():
         for name, (K, N) in projections(shapes).items():
             layers = 4 if name == "head" else 28
@@ -82,15 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.backends.cuda.preferred_blas_library("cublaslt")
                 print(row, flush=True)
                 rows.append(row)
+                write_json_atomic(args.output, result)
             del weights, transposed
             torch.cuda.empty_cache()
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "dtype": "bfloat16",
-        "rows": rows,
-        "command": "python -m rsd_generation.benchmarks.gemm_forms " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
+    result["complete"] = True
     write_json_atomic(args.output, result)
     return result
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from rsd_generation import kernels
 
 from .gemm_forms import graph_ms, projections
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .speed import QWEN_1_5B, QWEN_7B
 
 GRID = {"block_n": (2, 4, 8, 16), "block_k": (256, 512, 1024), "warps": (4, 8), "stages": (1, 3, 4)}
@@ -67,7 +66,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available() or not kernels.AVAILABLE:
         ap.error("needs a CUDA GPU and Triton")
     torch.manual_seed(0)
-    rows = []
+    rows = []  # written after each: an interrupted run keeps what it measured (complete: false)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "versions": {"torch": torch.__version__, "triton": kernels.triton.__version__},
+        "grid": GRID,
+        "skinny_grid": SKINNY_GRID,
+        "rows": rows,
+        "complete": False,
+        "command": command_line("gemv_sweep", argv),
+    }
     for model, shapes in {"1.5b": QWEN_1_5B, "7b": QWEN_7B}.items():
         for name, (K, N) in projections(shapes).items():
             if name == "head":
@@ -78,15 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
                 row |= sweep(K, N, bias=name == "qkv", tokens=M)
                 print(row, flush=True)
                 rows.append(row)
+                write_json_atomic(args.output, result)
                 torch.cuda.empty_cache()
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "triton": kernels.triton.__version__},
-        "grid": GRID,
-        "skinny_grid": SKINNY_GRID,
-        "rows": rows,
-        "command": "python -m rsd_generation.benchmarks.gemv_sweep " + " ".join(sys.argv[1:] if argv is None else argv),
-    }
+    result["complete"] = True
     write_json_atomic(args.output, result)
     return result
 

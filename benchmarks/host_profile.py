@@ -20,7 +20,6 @@ import collections
 import contextlib
 import cProfile
 import pstats
-import sys
 import time
 import warnings
 
@@ -32,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 import rsd_generation as rsd
 from rsd_generation.decoding import CATCH_UP, catch_up_mode
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .profile_step import kernel_events, top_ops
 from .speed import QWEN_1_5B, QWEN_7B, TINY, chunk_positions, random_model, total_capture_seconds, word_tokenizer
 
@@ -166,8 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": "python -m rsd_generation.benchmarks.host_profile "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("host_profile", argv),
         "batch_size": args.batch_size,
         "catch_up": catch_up_mode(args.catch_up, mode),
         "path": mode,

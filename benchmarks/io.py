@@ -8,6 +8,7 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
 import time
 import warnings
@@ -66,6 +67,12 @@ def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """The command that reproduces a run of `rsd_generation.benchmarks.<module>` with `argv` (None: this process's
+    arguments)."""
+    return " ".join([f"python -m rsd_generation.benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def refuse_overwrite(path: str | os.PathLike, force: bool) -> None:

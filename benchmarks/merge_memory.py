@@ -22,7 +22,7 @@ import transformers
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .speed import QWEN_1_5B
 
 SHAPES = {**QWEN_1_5B, "max_position_embeddings": 4096}  # Qwen2.5-Math-1.5B's shapes (tied embeddings)
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_target": peak < size + 2**30,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "command": " ".join(
-            ["python -m rsd_generation.benchmarks.merge_memory", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": command_line("merge_memory", argv),
     }
     print(
         f"merge {result['merge_seconds']:.1f} s, peak RSS {peak / 2**30:.2f} GiB (anonymous {peak_anon / 2**30:.2f}, "

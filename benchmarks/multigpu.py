@@ -30,7 +30,7 @@ import rsd_generation as rsd
 from rsd_generation import fast
 
 from . import speed
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 
 QWEN_72B = dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)  # fmt: skip
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     output = args.output or f"benchmarks/results/multigpu-{gpu.split()[-1].lower()}x{n_devices}.json"
     refuse_overwrite(output, args.force)
     argv = sys.argv[1:] if argv is None else argv
-    command = " ".join(["python -m rsd_generation.benchmarks.multigpu", *argv])
+    command = command_line("multigpu", argv)
 
     small, big, large = dict(speed.QWEN_1_5B), dict(speed.QWEN_7B), dict(QWEN_72B)
     if args.tiny:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -24,10 +23,8 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, 
 from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step, step_separator
 from rsd_generation.fast import MODES, row_cache
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .speed import QWEN_1_5B, random_model, word_tokenizer
-
-PROG = "python -m rsd_generation.benchmarks.processor_cost"
 
 
 def ms_per_token(model, tok, B: int, n: int, mode: str, processors: list, lengths: list[int], repeats: int) -> float:
@@ -83,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ms_per_token_penalty_all_lengths_differ": ms_per_token(
             model, tok, B, n, args.mode, penalty, list(range(B)), args.repeats
         ),
-        "command": " ".join([PROG, *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("processor_cost", argv),
     }
     print({k: v for k, v in result.items() if k.startswith("ms_")}, flush=True)
     write_json_atomic(output, result)

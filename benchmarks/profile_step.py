@@ -9,7 +9,6 @@ Random bf16 weights of Qwen2.5-Math-1.5B's shapes, batch 1, 128-token prompt, 64
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
@@ -22,7 +21,7 @@ from rsd_generation import kernels
 from rsd_generation.decoding import RowIds, Sampling, StepRules, decode_step, step_separator
 from rsd_generation.fast import MODES, row_cache
 
-from .io import write_json_atomic
+from .io import command_line, write_json_atomic
 from .speed import QWEN_1_5B, QWEN_7B, random_model, word_tokenizer
 
 
@@ -89,9 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result[f'{name}_aten_ops_per_token']:.0f} aten ops/token", flush=True)  # fmt: skip
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
-    result["command"] = " ".join(
-        ["python -m rsd_generation.benchmarks.profile_step", *(sys.argv[1:] if argv is None else argv)]
-    )
+    result["command"] = command_line("profile_step", argv)
     if args.output:
         write_json_atomic(args.output, result)
     return result

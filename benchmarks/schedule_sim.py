@@ -18,12 +18,11 @@ import argparse
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 
 from rsd_generation.schedule import Scheduler
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 
 
 def simulate(policy, batch: int, prompts: int, steps: int, p: float, draft_tick: float, target_tick: float,
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                 })  # fmt: skip
                 print(f"draft/target {ratio:.2f}, p = {p}, {policy!s:>10}: {seconds:.3f} s, "
                       f"{alone / seconds:.2f}x the target alone", flush=True)  # fmt: skip
-    result["command"] = " ".join(["python -m rsd_generation.benchmarks.schedule_sim", *(argv or sys.argv[1:])])
+    result["command"] = command_line("schedule_sim", argv)
     if args.output:
         write_json_atomic(args.output, result)
     return result

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import platform
-import sys
 import time
 import urllib.request
 
@@ -29,7 +28,7 @@ from rsd_generation.serving import Servers, request_json, run_all, run_threaded,
 from rsd_generation.stats import Step
 from rsd_generation.weighting import accept, get_weighting
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .toy.task import SEPARATOR, problems
 
 COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "prefix_cache_hits_total", "prefix_cache_queries_total")
@@ -149,8 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(
         problems=len(prompts), delta=args.delta, concurrency=args.concurrency, urls=urls,
         versions={"torch": torch.__version__, "vllm": request_json(urls["prm"] + "/version", None, 30).get("version")},
-        command=" ".join(["python -m rsd_generation.benchmarks.served_speed",
-                                                                  *(sys.argv[1:] if argv is None else argv)]),
+        command=command_line("served_speed", argv),
     )  # fmt: skip
     write_json_atomic(args.output, result)
     print(f"async / lockstep: {result['async_over_lockstep']:.2f}x; wrote {args.output}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 
 import torch
 import transformers
@@ -20,11 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rsd_generation as rsd
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 from .toy import MODELS, task
 
 TOY = MODELS
-PROG = "python -m rsd_generation.benchmarks.speculative_calls"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"cpu ({platform.machine()})",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "num_problems": args.num_problems, "delta": args.delta, "target_new_tokens": new_tokens, "rows": rows,
-        "command": " ".join([PROG, *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("speculative_calls", argv),
     }  # fmt: skip
     write_json_atomic(args.output, result)
     return result

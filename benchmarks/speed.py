@@ -51,7 +51,7 @@ from rsd_generation import fast, kernels
 from rsd_generation.decoding import CATCH_UP, RowIds, Sampling, StepRules, catch_up_mode, decode_step, step_separator
 from rsd_generation.fast import row_cache
 
-from .io import refuse_overwrite, write_json_atomic
+from .io import command_line, refuse_overwrite, write_json_atomic
 
 QWEN_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)  # fmt: skip
@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def result_command(args) -> str:
     """The command line that reproduces this run."""
-    return " ".join(["python -m rsd_generation.benchmarks.speed", *args.argv])
+    return command_line("speed", args.argv)
 
 
 def _previous_rows(output: str, device: str) -> list[dict]:

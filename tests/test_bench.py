@@ -482,3 +482,11 @@ def test_the_cli_shows_no_loading_bars_or_transformers_notices_and_restores_them
         assert hf_logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled()  # each restored as it was
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_a_result_names_the_command_that_reproduces_it(monkeypatch):
+    """Arguments given to `main` (even none) are the command's, not the process's (pytest's, here)."""
+    monkeypatch.setattr(sys, "argv", ["pytest", "-q", "tests"])
+    assert bench_io.command_line("speed", []) == "python -m rsd_generation.benchmarks.speed"
+    assert bench_io.command_line("speed", ["--tiny"]) == "python -m rsd_generation.benchmarks.speed --tiny"
+    assert bench_io.command_line("schedule_sim", None) == "python -m rsd_generation.benchmarks.schedule_sim -q tests"
