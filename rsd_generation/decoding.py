@@ -660,9 +660,10 @@ def rsd_decode(
     # static caches: every committed column, plus one step in flight (a row's step never exceeds its budget)
     capacity = P + max_new + min(o.max_step_tokens, max_new) + 64
     S = min(B, o.max_batch_size or B)  # slots: rows decoded at once; the other prompts wait in a queue
+    target_path = fast_mode(o.fast_path, target)
     m = row_cache(draft, "draft", S, pad, fast_mode(o.fast_path, draft), capacity)
-    M = row_cache(target, "target", S, pad, fast_mode(o.fast_path, target), capacity)
-    catch_up = catch_up_mode(o.catch_up, fast_mode(o.fast_path, target))
+    M = row_cache(target, "target", S, pad, target_path, capacity)
+    catch_up = catch_up_mode(o.catch_up, target_path)
     m.pending, M.pending = [list(p) for p in prompts[:S]], [list(p) for p in prompts[:S]]
     prm.start(problems[:S], fast_path=fast_mode(o.fast_path, prm.backbone), capacity=2 * max_new + 64)
     queue = list(range(S, B))  # original rows not started yet, in prompt order

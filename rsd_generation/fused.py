@@ -260,16 +260,13 @@ def norm_project(
     norm_inside = norm_inside and kernels.fusion_pays("norm", x, weight, bias, config)
     gated = config is not None and act_fn is not None and _silu_kernel(act_fn)
     gated = gated and kernels.fusion_pays("gated", x, weight, bias, config)
+    h, x = (x, x) if norm_inside else add_norm(norm, x, delta, fast)
     if norm_inside or gated:
-        h = x
-        if not norm_inside:
-            h, x = add_norm(norm, x, delta, fast)
         inside = (norm.weight, norm.variance_epsilon) if norm_inside else None
         y = kernels.gemv(h, weight, bias, config, norm=inside, gated=gated)
-        return y if gated or act_fn is None else activate(act_fn, y, fast), x
-    h, x = add_norm(norm, x, delta, fast)
-    y = project(h, weight, bias, fast)
-    return y if act_fn is None else activate(act_fn, y, fast), x
+    else:
+        y = project(h, weight, bias, fast)
+    return y if gated or act_fn is None else activate(act_fn, y, fast), x
 
 
 def add_project(module: nn.Module, a: torch.Tensor, x: torch.Tensor, fast: bool) -> tuple[torch.Tensor, ...]:

@@ -313,14 +313,14 @@ def _measure_fusion(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: to
     if copies is None:
         return False
     g = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
-    if fusion == "norm":
-        inside = [lambda w=w: gemv(x, w, bias, config, norm=(g, 1e-6)) for w in copies]
-        apart = [lambda w=w: gemv(add_rms_norm(x, g, 1e-6)[0], w, bias, config) for w in copies]
+    if fusion == "norm":  # (inside, apart)
+        ways = (lambda: [gemv(x, w, bias, config, norm=(g, 1e-6)) for w in copies],
+                lambda: [gemv(add_rms_norm(x, g, 1e-6)[0], w, bias, config) for w in copies])  # fmt: skip
     else:
-        inside = [lambda w=w: gemv(x, w, bias, config, gated=True) for w in copies]
-        apart = [lambda w=w: silu_mul(gemv(x, w, bias, config)) for w in copies]
+        ways = (lambda: [gemv(x, w, bias, config, gated=True) for w in copies],
+                lambda: [silu_mul(gemv(x, w, bias, config)) for w in copies])  # fmt: skip
     try:
-        seconds = [graph_seconds(lambda fns=fns: [f() for f in fns], x.device) for fns in (inside, apart)]
+        seconds = [graph_seconds(way, x.device) for way in ways]
     except Exception:  # a configuration Triton cannot build with the fusion (its tiles need more shared memory)
         return False
     return seconds[0] <= seconds[1]
