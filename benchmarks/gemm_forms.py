@@ -13,6 +13,7 @@ weight stored transposed (`[K, N]`), `W @ x.T`, and `torch.mv` at M = 1; each un
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,28 @@ def projections(shapes: dict) -> dict[str, tuple[int, int]]:
     D = H // shapes["num_attention_heads"]
     qkv = H + 2 * shapes["num_key_value_heads"] * D
     return {"qkv": (H, qkv), "o": (H, H), "gate_up": (H, 2 * inner), "down": (inner, H), "head": (H, V)}
+
+
+def decode_projections() -> Iterator[tuple[str, str, int, int]]:
+    """`(model, projection, K, N)` for every decode projection of Qwen2.5-Math-1.5B and 7B (see `projections`)."""
+    for model, shapes in {"1.5b": QWEN_1_5B, "7b": QWEN_7B}.items():
+        for name, (K, N) in projections(shapes).items():
+            yield model, name, K, N
+
+
+def projection_row(model: str, name: str, tokens: int, K: int, N: int, bandwidth: float) -> dict:
+    """A result row's header: the projection, its tokens and shape, and its floor (its bf16 weight read at
+    `bandwidth` bytes/s, in µs)."""
+    return {"model": model, "projection": name, "tokens": tokens, "in": K, "out": N,
+            "floor_us": N * K * 2 / bandwidth * 1e6}  # fmt: skip
+
+
+def keep_row(row: dict, result: dict, output: str) -> None:
+    """Print `row`, add it to `result["rows"]` and write `result` to `output` (an interrupted run keeps what it
+    measured)."""
+    print(row, flush=True)
+    result["rows"].append(row)
+    write_json_atomic(output, result)
 
 
 def graph_ms(fn, replays: int = 3) -> float:
@@ -63,35 +86,29 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     torch.manual_seed(0)
-    rows = []  # written after each: an interrupted run keeps what it measured (complete: false)
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "dtype": "bfloat16",
-        "rows": rows,
+        "rows": [],  # written after each (`keep_row`), complete: false until the last
         "complete": False,
         "command": command_line("gemm_forms", argv),
     }
-    for model, shapes in {"1.5b": QWEN_1_5B, "7b": QWEN_7B}.items():
-        for name, (K, N) in projections(shapes).items():
-            layers = 4 if name == "head" else 28
-            weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
-            transposed = [w.t().contiguous() for w in weights]
-            for M in (1, 4, 16):
-                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                row = {"model": model, "projection": name, "tokens": M, "in": K, "out": N}
-                row["floor_us"] = N * K * 2 / args.bandwidth * 1e6
-                row["us_per_layer"] = {}
-                for form, fn in forms(x, weights, transposed).items():
-                    for library in ("cublaslt", "cublas"):
-                        torch.backends.cuda.preferred_blas_library(library)
-                        row["us_per_layer"][f"{form}|{library}"] = graph_ms(fn) * 1e3 / layers
-                torch.backends.cuda.preferred_blas_library("cublaslt")
-                print(row, flush=True)
-                rows.append(row)
-                write_json_atomic(args.output, result)
-            del weights, transposed
-            torch.cuda.empty_cache()
+    for model, name, K, N in decode_projections():
+        layers = 4 if name == "head" else 28
+        weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+        transposed = [w.t().contiguous() for w in weights]
+        for M in (1, 4, 16):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            row = projection_row(model, name, M, K, N, args.bandwidth) | {"us_per_layer": {}}
+            for form, fn in forms(x, weights, transposed).items():
+                for library in ("cublaslt", "cublas"):
+                    torch.backends.cuda.preferred_blas_library(library)
+                    row["us_per_layer"][f"{form}|{library}"] = graph_ms(fn) * 1e3 / layers
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            keep_row(row, result, args.output)
+        del weights, transposed
+        torch.cuda.empty_cache()
     result["complete"] = True
     write_json_atomic(args.output, result)
     return result

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 from rsd_generation import kernels
 
-from .gemm_forms import graph_ms, projections
+from .gemm_forms import decode_projections, graph_ms, keep_row, projection_row
 from .io import command_line, refuse_overwrite, write_json_atomic
-from .speed import QWEN_1_5B, QWEN_7B
 
 GRID = {"block_n": (2, 4, 8, 16), "block_k": (256, 512, 1024), "warps": (4, 8), "stages": (1, 3, 4)}
 # more tokens: the tensor-core form, whose tiles take at least 16 weight rows
@@ -66,28 +65,22 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available() or not kernels.AVAILABLE:
         ap.error("needs a CUDA GPU and Triton")
     torch.manual_seed(0)
-    rows = []  # written after each: an interrupted run keeps what it measured (complete: false)
     result = {
         "device": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "triton": kernels.triton.__version__},
         "grid": GRID,
         "skinny_grid": SKINNY_GRID,
-        "rows": rows,
+        "rows": [],  # written after each (`keep_row`), complete: false until the last
         "complete": False,
         "command": command_line("gemv_sweep", argv),
     }
-    for model, shapes in {"1.5b": QWEN_1_5B, "7b": QWEN_7B}.items():
-        for name, (K, N) in projections(shapes).items():
-            if name == "head":
-                continue
-            for M in args.tokens:
-                row = {"model": model, "projection": name, "tokens": M, "in": K, "out": N,
-                       "floor_us": N * K * 2 / args.bandwidth * 1e6}  # fmt: skip
-                row |= sweep(K, N, bias=name == "qkv", tokens=M)
-                print(row, flush=True)
-                rows.append(row)
-                write_json_atomic(args.output, result)
-                torch.cuda.empty_cache()
+    for model, name, K, N in decode_projections():
+        if name == "head":
+            continue
+        for M in args.tokens:
+            row = projection_row(model, name, M, K, N, args.bandwidth) | sweep(K, N, bias=name == "qkv", tokens=M)
+            keep_row(row, result, args.output)
+            torch.cuda.empty_cache()
     result["complete"] = True
     write_json_atomic(args.output, result)
     return result

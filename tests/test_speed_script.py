@@ -280,3 +280,22 @@ def test_kernel_events_keep_only_the_gpus_kernels():
     kept = kernel_events(prof)
     assert [e.key for e in kept] == ["gemm_kernel", "norm_kernel"]
     assert top_ops(kept, 1, "self_device_time_total") == [{"op": "gemm_kernel", "calls": 2, "total_ms": 0.9}]
+
+
+def test_projection_sweeps_keep_each_row_as_it_comes(tmp_path, capsys):
+    """`gemm_forms` and `gemv_sweep` write their output after every row (a sweep cut by a time limit keeps what it
+    measured), over every projection of both models, each row with its floor."""
+    import json
+
+    from rsd_generation.benchmarks import gemm_forms
+
+    shapes = list(gemm_forms.decode_projections())
+    assert len(shapes) == 10 and ("1.5b", "o", 1536, 1536) in shapes and ("7b", "down", 18944, 3584) in shapes
+    result, out = {"rows": [], "complete": False}, tmp_path / "sweep.json"
+    for tokens in (1, 16):
+        gemm_forms.keep_row(gemm_forms.projection_row("7b", "o", tokens, 3584, 3584, 4e12), result, str(out))
+        assert len(json.loads(out.read_text())["rows"]) == (1 if tokens == 1 else 2)
+    row = json.loads(out.read_text())["rows"][1]
+    assert row == {"model": "7b", "projection": "o", "tokens": 16, "in": 3584, "out": 3584,
+                   "floor_us": pytest.approx(3584 * 3584 * 2 / 4e12 * 1e6)}  # fmt: skip
+    assert "'tokens': 16" in capsys.readouterr().out
