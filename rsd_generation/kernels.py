@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
 import warnings
 
@@ -308,38 +309,50 @@ def fusion_choices() -> dict[tuple, bool]:
 
 def _measure_fusion(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     config: tuple[int, int, int, int]) -> bool:  # fmt: skip
-    """`fusion_pays`'s timing for `x` `(M, K)`: each way over `_weight_copies`, in CUDA graphs."""
+    """`fusion_pays`'s timing for `x` `(M, K)`: each way over `_weight_copies`, in CUDA graphs (`graph_timings`)."""
     copies = _weight_copies(weight)
     if copies is None:
         return False
     g = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
-    if fusion == "norm":  # (inside, apart)
-        ways = (lambda: [gemv(x, w, bias, config, norm=(g, 1e-6)) for w in copies],
-                lambda: [gemv(add_rms_norm(x, g, 1e-6)[0], w, bias, config) for w in copies])  # fmt: skip
+    if fusion == "norm":
+        ways = {"inside": lambda: [gemv(x, w, bias, config, norm=(g, 1e-6)) for w in copies],
+                "apart": lambda: [gemv(add_rms_norm(x, g, 1e-6)[0], w, bias, config) for w in copies]}  # fmt: skip
     else:
-        ways = (lambda: [gemv(x, w, bias, config, gated=True) for w in copies],
-                lambda: [silu_mul(gemv(x, w, bias, config)) for w in copies])  # fmt: skip
-    try:
-        seconds = [graph_seconds(way, x.device) for way in ways]
-    except Exception:  # a configuration Triton cannot build with the fusion (its tiles need more shared memory)
+        ways = {"inside": lambda: [gemv(x, w, bias, config, gated=True) for w in copies],
+                "apart": lambda: [silu_mul(gemv(x, w, bias, config)) for w in copies]}  # fmt: skip
+    ways = _builds(ways)
+    if len(ways) < 2:  # the fused tiles need more shared memory than the GPU has
         return False
-    return seconds[0] <= seconds[1]
+    seconds = graph_timings(ways, x.device)
+    return seconds["inside"] <= seconds["apart"]
 
 
 def _measure_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
-    """`gemv_choice`'s timing for `x` `(rows, K)` (on a side stream: the caller may be warming a capture up)."""
+    """`gemv_choice`'s timing for `x` `(rows, K)`: cuBLAS and each configuration that builds, over
+    `_weight_copies`, in CUDA graphs (`graph_timings`, on a side stream: the caller may be warming a capture up)."""
     copies = _weight_copies(weight)
     if copies is None:  # no room to time it: cuBLAS
         return None
     out = x.new_empty(x.shape[0], weight.shape[0])
-    times = {None: graph_seconds(lambda: [F.linear(x, w, bias) for w in copies], x.device)}
+    ways = {None: lambda: [F.linear(x, w, bias) for w in copies]}
     for config in GEMV_CONFIGS if len(x) == 1 else SKINNY_CONFIGS:
-        try:
-            times[config] = graph_seconds(lambda c=config: [gemv(x, w, bias, c, out) for w in copies], x.device)
-        except Exception:  # a configuration Triton cannot build here
-            continue
+        ways[config] = lambda c=config: [gemv(x, w, bias, c, out) for w in copies]
+    times = graph_timings(_builds(ways), x.device)
     best = min(times, key=lambda c: times[c])
     return best if best is not None and times[best] <= GEMV_MIN_GAIN * times[None] else None
+
+
+def _builds(ways: dict) -> dict:
+    """The entries of `ways` (name -> a callable launching kernels) that run once without an error (Triton cannot
+    build some configurations on some GPUs: tiles needing more shared memory than an SM has)."""
+    out = {}
+    for name, fn in ways.items():
+        try:
+            fn()
+        except Exception:
+            continue
+        out[name] = fn
+    return out
 
 
 @contextlib.contextmanager
@@ -359,26 +372,48 @@ def capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, pool=None)
 
 
 def graph_seconds(fn, device: torch.device, replays: int = 3, warmups: int = 1) -> float:
-    """The best of `replays` replays of `fn` captured as a CUDA graph on a side stream (after `warmups` runs there),
-    in seconds: the device time of its kernels back to back, no launch gaps."""
+    """The device time of the kernels `fn` launches, back to back with no launch gaps, in seconds: `graph_timings`
+    of `fn` alone, best of `replays` timings."""
+    return graph_timings({None: fn}, device, rounds=replays, warmups=warmups)[None]
+
+
+def graph_timings(fns: dict, device: torch.device, rounds: int = 3, warmups: int = 1,
+                  min_seconds: float = 2e-3) -> dict:  # fmt: skip
+    """The device time of each of `fns` (name -> a callable launching kernels), in seconds, to compare them: each
+    is captured as a CUDA graph on a side stream (after `warmups` runs there), then all are timed in `rounds`
+    rounds that take every graph in turn, so that a change of clocks or of the GPU's load falls on all alike; a
+    timing replays its graph back to back for at least `min_seconds` (a graph of a few kernels after an idle spell
+    would time the GPU waking up). The best round of each."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(warmups):
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with capturing(graph, side):  # as `fast` captures
-            fn()
-        best = float("inf")
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(side)
-            graph.replay()
-            end.record(side)
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
+        graphs = {}
+        for name, fn in fns.items():
+            for _ in range(warmups):
+                fn()
+            graphs[name] = torch.cuda.CUDAGraph()
+            with capturing(graphs[name], side):  # as `fast` captures
+                fn()
+        # replays per timing, from one replay of each (also each graph's first, which uploads it)
+        replays = {name: max(1, min(1000, math.ceil(min_seconds / max(_replays_seconds(g, side, 1), 1e-7))))
+                   for name, g in graphs.items()}  # fmt: skip
+        best = dict.fromkeys(graphs, float("inf"))
+        for _ in range(rounds):
+            for name, g in graphs.items():
+                best[name] = min(best[name], _replays_seconds(g, side, replays[name]))
     torch.cuda.current_stream(device).wait_stream(side)
     return best
+
+
+def _replays_seconds(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, n: int) -> float:
+    """Seconds per replay of `graph` over `n` replays back to back on `stream`, by CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    for _ in range(n):
+        graph.replay()
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / n
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],

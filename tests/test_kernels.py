@@ -174,6 +174,10 @@ def check_gemv(device: str) -> None:
         assert choice is None or choice in kernels.GEMV_CONFIGS
         assert kernels.gemv_choices() == {(str(x.device), torch.bfloat16, 1536, 1536, False, 1): choice}
         kernels._GEMV_CHOICE.clear()
+        # the timer compares in rounds: twice the products take longer than once, each timed apart
+        once, twice = (lambda: F.linear(x, weight)), (lambda: [F.linear(x, weight), F.linear(x.flip(0), weight)])
+        times = kernels.graph_timings({"once": once, "twice": twice}, x.device)
+        assert set(times) == {"once", "twice"} and 0 < times["once"] < times["twice"] < 1e-3, times
     kernels.gemv = real
 
 
@@ -407,6 +411,18 @@ def test_kernels_that_cannot_run_fall_back_with_a_warning(monkeypatch):
         got = fast.row_cache(model, "fallback-kernels", 2, 0, "static", 64).feed(ids, valid)
     torch.testing.assert_close(got, want)
     assert list(kernels._WORKS.values()) == [False]  # tried once; later forwards do not try again
+
+
+def test_timed_candidates_are_those_that_build():
+    """The GEMV's and the fusions' timings take the candidates that run once without an error and leave out the
+    others (Triton cannot build some tiles on some GPUs), in their order."""
+    from rsd_generation import kernels
+
+    ran = []
+    ways = {None: lambda: ran.append("cublas"), (2, 64, 4, 1): lambda: 1 / 0, (4, 64, 4, 1): lambda: ran.append(4)}
+    built = kernels._builds(ways)
+    assert list(built) == [None, (4, 64, 4, 1)] and ran == ["cublas", 4]
+    assert built[None] is ways[None]
 
 
 def _interpreter_loops_to_a_loaded_bound() -> bool:
