@@ -375,6 +375,7 @@ def decode_step(
     start = cache.length
     alive, user_stop = rows.clone(), torch.zeros_like(rows)  # alive, user_stop: [R]
     n = torch.zeros_like(budget)  # n: [R], tokens written this step
+    most = budget.clamp_max(rules.max_step_tokens)  # most: [R], tokens each row's step may have
     step = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)  # step: [R, t], tokens written so far
     where = rules.separator.start(len(rows), dev) if rules.separator is not None else None  # where: [R]
     if along is not None:  # on the device once (a copy per forward would wait for the device's queue)
@@ -388,8 +389,10 @@ def decode_step(
             probs.append(torch.softmax(scores, -1))  # the draft's q for speculative sampling
         tok = torch.where(alive, _pick(scores, s, cache.rows, alive), s.pad)  # tok: [R]
         step = torch.cat([step, tok[:, None]], 1)
-        n += alive.long()
-        ended = torch.isin(tok, eos) | (n >= rules.max_step_tokens) | (n >= budget)
+        n += alive
+        ended = n >= most
+        if len(eos):
+            ended |= torch.isin(tok, eos)
         if rules.separator is not None:
             where, hit = rules.separator.advance(where, tok)
             ended |= hit

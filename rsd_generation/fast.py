@@ -8,16 +8,17 @@ whose shapes never change:
 - keys and values live in `[B, H, C, D]` buffers per layer, written in place at the columns of the current chunk;
 - a chunk of `L` tokens runs at a bucketed width (1, 2, 4, ..., 128): each (cache, width) pair is captured once as a
   CUDA graph on its first use, optionally after `torch.compile`, and replayed afterwards. Wider chunks (long
-  prompts) run eagerly into the same buffers;
+  prompts), and chunks of more than 8 tokens over more than `MAX_GRAPH_POSITIONS` positions (a PRM's step at
+  batch 64), run eagerly into the same buffers, at their own width;
 - the attention mask is built inside the graph from the column mask, so a forward is: copy the inputs into the
   graph's buffers, replay, read the output;
 - rows that leave the batch stay in the buffers as masked rows (the graph's batch size is fixed);
 - a chunk that only some rows take part in (at most half) runs over those rows alone, gathered from the buffers,
   at a power-of-2 row count; padding rows point at one spare buffer row that is never read as context. Graphs are
   captured per (row count, width) up to width 8 (one-token steps, short verifications); a wider chunk over a few
-  rows (a catch-up) runs eagerly rather than adding a capture per row count. In "compile" mode one-token forwards
-  run over all rows: compiling per row count costs a compilation each, and the compiled forward over all rows
-  beats an uncompiled one over a few;
+  rows (a catch-up) runs eagerly, unpadded, rather than adding a capture per row count. In "compile" mode
+  one-token forwards run over all rows: compiling per row count costs a compilation each, and the compiled
+  forward over all rows beats an uncompiled one over a few;
 - a cache is kept per model between `generate` calls, so capture and compilation are paid once per model and shape.
 
 Under greedy decoding the fast path gives the plain path's tokens: the same math, over a different layout.
@@ -51,6 +52,11 @@ from .kv import (
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # chunk widths that are graph-captured
 MAX_GATHERED_GRAPH_WIDTH = 8  # gathered chunks (a few rows) captured up to this width (one per row count); wider: eager
 MAX_GRAPH_WINDOW = 16  # output windows (speculative verification) captured up to this many positions; wider: eager
+# chunks wider than MAX_GATHERED_GRAPH_WIDTH (a PRM's step, a catch-up) over more positions than this, bucket padding
+# included, run eagerly at their own width: such a forward is compute-bound, so a graph saves little launch time,
+# and padding 33-40 tokens to the 64 bucket costs 60-90% more work (an H200 PRM step: 8.0 ms over 16 x 64
+# positions, 27.9 ms over 64 x 64)
+MAX_GRAPH_POSITIONS = 1024
 MODES = ("auto", "off", "static", "graphs", "compile")
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a plain head: the graph's assumptions
 COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile keywords for the one-token forward ("compile" mode)
@@ -221,7 +227,7 @@ class StaticRowCache(RowCache):
         self._slot_tokens = torch.zeros(self.batch_size, dtype=torch.long, device=dev)  # per buffer row, its occupant
         self._occupant = torch.arange(self.batch_size)  # original row in each buffer row
         self._left: dict[int, int] = {}  # valid positions of original rows whose buffer row was handed on
-        self._padded = torch.zeros((), dtype=torch.long, device=dev)
+        self._positions = 0  # positions processed, valid or not (host count: no device work per forward)
         self.forward_calls = 0
         # forwards run since the reset, by (gathered rows or None, width, output window or None, run eagerly)
         self.shapes: Counter = Counter()
@@ -240,7 +246,7 @@ class StaticRowCache(RowCache):
     @property
     def padded_tokens(self) -> int:
         """Masked positions processed alongside the valid ones (dead rows and bucket padding included)."""
-        return int(self._padded)
+        return self._positions - self.forward_tokens
 
     @torch.no_grad()  # inference only: an in-place write of a grad-carrying key would chain every forward's graph
     def feed(
@@ -250,18 +256,19 @@ class StaticRowCache(RowCache):
         row's last valid token, or `(R, window, X)` at its last `window` ones (as `RowCache.feed`). Only the rows
         with tokens run when they are few (`rows`: as in `RowCache.feed`)."""
         L, B, dev = ids.shape[1], self.batch_size, self.device
-        width = _bucket(L) if self.graphs else L
-        if self.cursor + width > self.kv.capacity:
-            width = L  # no room for the bucket's padding: run this chunk eagerly at its own width
-            if self.cursor + L > self.kv.capacity:
-                self._grow(self.cursor + L)
         sel = gather_rows(valid, rows, len(self.pending))  # sel: [N] cache rows that run alone, or None: all B
         if L == 1 and self.compile_decode:
             sel = None  # the compiled one-token forward over all rows beats an uncompiled one over a few
+        graphed = self._graphed(L, window, B if sel is None else len(sel), sel is not None)
+        width = _bucket(L) if graphed else L  # eager forwards run at the chunk's own width, unpadded
+        if self.cursor + width > self.kv.capacity:
+            graphed, width = False, L  # no room for the bucket's padding: run this chunk eagerly at its own width
+            if self.cursor + L > self.kv.capacity:
+                self._grow(self.cursor + L)
         valid, ids = valid.to(dev), ids.to(dev)
         if sel is not None:  # the rows' buffer rows, padded to a bucketed count with the spare row B
             sel = self._on_device(sel)
-            N = 1 << (len(sel) - 1).bit_length() if self.graphs else len(sel)  # captured row counts: powers of 2
+            N = 1 << (len(sel) - 1).bit_length() if graphed else len(sel)  # captured row counts: powers of 2
             slots = torch.full((N,), B, dtype=torch.long, device=dev)  # slots: [N]
             slots[: len(sel)] = self.slots[sel]
             x = torch.full((N, width), self.pad_token_id, dtype=torch.long, device=dev)  # x: [N, W]
@@ -286,12 +293,12 @@ class StaticRowCache(RowCache):
             self.colmask[slots, self.cursor : self.cursor + width] = ok
             self.colmask[B] = False  # the spare row never holds context
             self._slot_tokens.index_add_(0, slots[: len(sel)], n[: len(sel)])
-        wide = window if window is None or not self.graphs else _bucket(window)
-        out = self._run(x, pos, self.cursor, last_positions(n, wide), slots).to(dev)  # out: [N, X] or [N, wide, X]
+        wide = _bucket(window) if graphed and window is not None else window
+        out = self._run(x, pos, self.cursor, last_positions(n, wide), slots, graphed).to(dev)  # out: [N, (wide,) X]
         if window is not None:
             out = out[:, wide - window :]  # out: [N, window, X], the last `window` positions
         self.cursor += L
-        self._padded += x.numel() - n.sum()
+        self._positions += x.numel()
         self.forward_calls += 1
         if sel is not None:
             res = out.new_zeros(len(self.pending), *out.shape[1:])  # res: [R, X] or [R, window, X]
@@ -413,15 +420,27 @@ class StaticRowCache(RowCache):
             hidden = hidden.last_hidden_state  # hidden: [N, W, H]
         return self.head(pick_rows(hidden, last))
 
+    def _graphed(self, L: int, window: int | None, rows: int, gathered: bool) -> bool:
+        """Whether a chunk of `L` tokens over `rows` rows (`gathered` from the buffers, or all) replays a captured
+        graph at its bucketed width (else it runs eagerly at its own): graphs on; a width of `BUCKETS`; an output
+        window of at most `MAX_GRAPH_WINDOW`; gathered rows only for chunks of at most `MAX_GATHERED_GRAPH_WIDTH`
+        tokens; and a wider chunk only over at most `MAX_GRAPH_POSITIONS` positions, bucket padding included."""
+        width = _bucket(L)
+        return (
+            self.graphs
+            and width in BUCKETS
+            and (window is None or _bucket(window) <= MAX_GRAPH_WINDOW)
+            and (width <= MAX_GATHERED_GRAPH_WIDTH or (not gathered and rows * width <= MAX_GRAPH_POSITIONS))
+        )
+
     def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor,
-             slots: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        """Run a chunk (over the buffer rows `slots`, or all): replay (capturing on first use) when graphs are on,
-        else eagerly."""
+             slots: torch.Tensor | None, graphed: bool) -> torch.Tensor:  # fmt: skip
+        """Run a chunk (over the buffer rows `slots`, or all): replay (capturing on first use) where `graphed`, else
+        eagerly."""
         width = ids.shape[1]
         # captured per (gathered row count, width, output window)
         key = (None if slots is None else len(slots), width, last.shape[1] if last.dim() == 2 else None)
-        eager = width not in BUCKETS or (last.dim() == 2 and last.shape[1] > MAX_GRAPH_WINDOW)
-        eager = not self.graphs or eager or (slots is not None and width > MAX_GATHERED_GRAPH_WIDTH)
+        eager = not graphed
         self.shapes[(*key, eager)] += 1
         if eager:
             return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last, slots)
@@ -430,7 +449,7 @@ class StaticRowCache(RowCache):
         graph, buf, out = self._captured[key]
         buf["ids"].copy_(ids)
         buf["pos"].copy_(pos)
-        buf["cols"].fill_(start).add_(buf["steps"])
+        torch.add(buf["steps"], start, out=buf["cols"])  # one kernel
         buf["last"].copy_(last)
         if slots is not None:
             buf["slots"].copy_(slots)

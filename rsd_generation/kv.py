@@ -269,8 +269,10 @@ def _filled(layer) -> bool:
 def chunk_positions(seen: torch.Tensor, n: torch.Tensor, width: int) -> torch.Tensor:
     """Position ids `(R, width)` of a right-padded chunk: each row's positions go on from its `seen` `(R,)` valid
     columns; padding past its `n` `(R,)` tokens repeats the last position."""
-    pos = seen[:, None] + torch.arange(width, device=seen.device)  # pos: [R, W]
-    return torch.minimum(pos, (seen + n - 1).clamp_min(0)[:, None])
+    last = (seen + n - 1).clamp_min(0)[:, None]  # last: [R, 1]
+    if width == 1:  # one token (or none): its position is the last (three operations a decoded token, not six)
+        return last
+    return torch.minimum(seen[:, None] + torch.arange(width, device=seen.device), last)
 
 
 def gather_rows(valid: torch.Tensor, rows: torch.Tensor | None, R: int) -> torch.Tensor | None:

@@ -108,6 +108,27 @@ def test_static_cache_follows_row_cache_through_rollback_compaction_growth_and_r
     assert plain.forward_tokens == static.forward_tokens
 
 
+def test_which_chunks_replay_a_graph_and_which_run_eagerly_unpadded(tok):
+    """With graphs on, one-token steps and short verifications replay graphs (gathered rows too); a chunk wider than
+    8 tokens replays one over all rows only up to MAX_GRAPH_POSITIONS positions at its bucketed width (a PRM's
+    40-token step: at 16 rows, not at 64, where it runs eagerly at 40 columns instead of 64); gathered wide chunks,
+    long windows and chunks wider than the last bucket run eagerly; without graphs nothing replays."""
+    model = make_lm("qwen2", len(tok), seed=1)
+    cache = StaticRowCache(model.base_model, lambda h: h, model.config, 64, capacity=8)
+    cache.graphs = True  # the decision alone: nothing is run
+    assert fast.MAX_GRAPH_POSITIONS == 1024 and fast.MAX_GATHERED_GRAPH_WIDTH == 8
+    decide = cache._graphed  # (tokens, output window, rows, gathered)
+    assert decide(1, None, 64, False) and decide(1, None, 3, True) and decide(5, 5, 64, False)
+    assert decide(8, None, 128, True)  # a short chunk over gathered rows
+    assert decide(40, None, 16, False) and not decide(40, None, 64, False)  # 16 x 64 positions; 64 x 64
+    assert decide(9, None, 64, False) and not decide(9, None, 65, False)  # bucket 16: 1024 positions, then more
+    assert not decide(9, None, 2, True)  # a catch-up over a few rows
+    assert decide(5, 16, 4, False) and not decide(5, 17, 4, False)  # output windows up to 16
+    assert not decide(129, None, 1, False)  # wider than the last bucket
+    cache.graphs = False
+    assert not decide(1, None, 1, False)
+
+
 def test_static_caches_are_reused_across_calls_and_per_role(qwen_pair, prm, tok):
     target, draft = qwen_pair
     release_fast_caches()
