@@ -23,6 +23,10 @@ from transformers.cache_utils import DynamicLayer
 
 # forward(input_ids, attention_mask, position_ids, cache_position, cache, last) -> [R, X]
 Forward = Callable[..., torch.Tensor]
+# queues fed at once (prompts at a large batch) run in slices of columns of at most this many positions (rows times
+# columns), so that one forward's activations stay bounded: 256 prompts of 512 tokens in one 7B forward would hold
+# about 18 GB of MLP activations; a forward this wide is compute-bound, so slicing costs no speed
+MAX_CHUNK_POSITIONS = 16384
 
 
 class RowCache:
@@ -173,13 +177,25 @@ class RowCache:
         return res
 
     def feed_pending(self, rows: torch.Tensor) -> torch.Tensor:
-        """Feed the queued tokens of the selected rows (`rows`: bool `(R,)`), emptying their queues."""
+        """Feed the queued tokens of the selected rows (`rows`: bool `(R,)`), emptying their queues; the output at
+        each one's last (`(R, X)`, as `feed`). Queues over more than `MAX_CHUNK_POSITIONS` positions go in slices
+        of columns."""
         chunks = [p if bool(sel) else [] for p, sel in zip(self.pending, rows.tolist(), strict=True)]
         for i, sel in enumerate(rows.tolist()):
             if sel:
                 self.pending[i] = []
         ids, valid = pad_right(chunks, self.pad_token_id)
-        return self.feed(ids, valid)
+        width = max(1, MAX_CHUNK_POSITIONS // len(chunks))  # columns per forward
+        if ids.shape[1] <= width:
+            return self.feed(ids, valid)
+        ends = (valid.sum(1) - 1).clamp_min(0) // width  # ends: [R], the slice holding each row's last token
+        out = None
+        for k, start in enumerate(range(0, ids.shape[1], width)):
+            part = self.feed(ids[:, start : start + width], valid[:, start : start + width])  # part: [R, X]
+            out = part.clone() if out is None else out  # out: [R, X]
+            here = (ends == k).to(part.device)
+            out[here] = part[here]
+        return out
 
     def drop_from(self, rows: torch.Tensor, start: torch.Tensor) -> None:
         """Mask out, for each selected row, every column from `start[row]` on (a discarded step)."""

@@ -20,7 +20,7 @@ from transformers import logging as hf_logging
 from transformers.utils import cached_file
 
 from .fast import row_cache
-from .kv import RowCache, pad_right
+from .kv import RowCache
 from .paths import check_checkpoint_path
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # a merged checkpoint's PRM head, outside the index
@@ -121,10 +121,8 @@ class RewardModel:
         self._start = torch.tensor([st.length + len(p) for p in st.pending])  # _start: [R]
         self._step_len = torch.tensor([len(n) for n in new])  # _step_len: [R]
         self._scored = torch.tensor(scored)  # _scored: [R]
-        chunks = [p + n + suffix if ok else [] for p, n, ok in zip(st.pending, new, scored, strict=True)]
-        ids, valid = pad_right(chunks, st.pad_token_id)
-        st.pending = [[] if ok else p for p, ok in zip(st.pending, scored, strict=True)]
-        hidden = st.feed(ids, valid)  # hidden: [R, H]
+        st.pending = [p + n + suffix if ok else p for p, n, ok in zip(st.pending, new, scored, strict=True)]
+        hidden = st.feed_pending(self._scored)  # hidden: [R, H]
         self.calls += sum(scored)
         r = self.reward(hidden).float().cpu()  # r: [R]
         return torch.where(self._scored, r, float("nan"))

@@ -111,3 +111,32 @@ def test_a_gathered_forward_that_fails_leaves_the_cache_as_it_was(tok):
     out = c.feed(*pad_right([[20, 21], [], [], []], 0))
     alone = model(input_ids=torch.tensor([[5, 6, 7, 20, 21]])).logits[0, -1]
     torch.testing.assert_close(out[0], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["off", "static"])
+def test_long_queues_go_in_slices_with_the_outputs_of_one_forward(tok, path, monkeypatch):
+    """Queues over more than MAX_CHUNK_POSITIONS positions (prompts at a large batch) are fed in slices of columns:
+    each row's output is at its own last token, whichever slice holds it, and the cache, the counts and every later
+    output are those of one forward over the whole queue (rows of different lengths, one with no tokens)."""
+    from rsd_generation import kv
+
+    model = make_lm("qwen2", len(tok), seed=1)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [], [14, 15, 16, 17, 18]]
+    caches = [row_cache(model, f"slices-{path}-{k}", 4, 0, path, 64) for k in range(2)]
+    outs = []
+    for k, c in enumerate(caches):
+        monkeypatch.setattr(kv, "MAX_CHUNK_POSITIONS", 8 if k else 10**6)  # 8 // 4 rows: 2 columns per forward
+        c.pending = [list(p) for p in prompts]
+        outs.append(c.feed_pending(torch.tensor([True, True, False, True])))
+    assert [c.forward_calls for c in caches] == [1, 4]  # 7 columns: 2 + 2 + 2 + 1
+    for r in (0, 1, 3):
+        torch.testing.assert_close(outs[1][r], outs[0][r], rtol=1e-5, atol=1e-5)
+        alone = model(input_ids=torch.tensor([prompts[r]])).logits[0, -1]
+        torch.testing.assert_close(outs[1][r], alone, rtol=1e-4, atol=1e-4)
+    assert caches[0].length == caches[1].length == 7
+    assert torch.equal(caches[0].mask, caches[1].mask)
+    assert caches[0].row_tokens.tolist() == caches[1].row_tokens.tolist() == [7, 2, 0, 5]
+    assert all(c.pending == [[], [], [], []] for c in caches)
+    nxt = torch.tensor([[40], [41], [42], [43]])
+    a, b = (c.feed(nxt, torch.ones(4, 1, dtype=torch.bool)) for c in caches)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

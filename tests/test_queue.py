@@ -42,6 +42,26 @@ def test_a_queue_gives_what_the_full_batch_gives(qwen_pair, prm, tok, path, slot
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_prompts_and_catch_ups_fed_in_slices_give_the_same_run(qwen_pair, prm, tok, path, monkeypatch):
+    """With every queue fed in slices of a few columns (MAX_CHUNK_POSITIONS: the prompts, the target's catch-ups,
+    the PRM's problems and steps), RSD through a queue gives the same tokens, decisions and counts."""
+    from rsd_generation import kv
+
+    target, draft = on_device(qwen_pair, path)
+    prm = prm_on_device(prm, path)
+    delta = median_reward(target, draft, prm, tok, PROMPTS)
+    kw = dict(rsd_threshold=delta, max_new_tokens=32, rsd_fast_path=path, rsd_max_step_tokens=5, rsd_max_batch_size=4)
+    whole = rsd_generate(target, draft, prm, tok, PROMPTS, **kw)
+    monkeypatch.setattr(kv, "MAX_CHUNK_POSITIONS", 8)  # 4 slots: 2 columns per forward
+    sliced = rsd_generate(target, draft, prm, tok, PROMPTS, **kw)
+    assert torch.equal(sliced.sequences, whole.sequences)
+    assert _steps(sliced) == _steps(whole)
+    assert sliced.rsd_stats["forward_tokens"] == whole.rsd_stats["forward_tokens"]
+    calls = [s.rsd_stats["forward_calls"] for s in (whole, sliced)]
+    assert all(calls[1][m] > calls[0][m] for m in ("draft", "target", "reward")), calls
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_limits_hold_through_a_queue(qwen_pair, prm, tok, path):
     target, draft = on_device(qwen_pair, path)
     prm = prm_on_device(prm, path)
