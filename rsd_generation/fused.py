@@ -195,17 +195,19 @@ def fused_forward(
     for i, (layer, f) in enumerate(zip(backbone.layers, layers, strict=True)):
         attn = layer.self_attn
         D, (Q, K, _) = attn.head_dim, f.sizes
-        qkv, x = norm_project(layer.input_layernorm, x, delta, f.qkv, f.qkv_bias, fast)  # qkv: [N, W, Q + K + V]
         o = None  # o: [N, W, Hq * D], the attention's output
-        if fast and not hasattr(attn, "q_norm") and hasattr(cache, "destination") and cos.dtype == qkv.dtype:
-            # one kernel rotates the queries in place and writes the rotated keys and the values to the cache
+        if fast and not hasattr(attn, "q_norm") and hasattr(cache, "destination") and cos.dtype == x.dtype:
+            # one kernel (the qkv GEMV's epilogue, or its own) rotates the queries and writes the rotated keys and
+            # the values to the cache
             k_buf, v_buf, rows, cols = cache.destination(i)
-            q = kernels.rotary_into_cache_(qkv.unflatten(-1, (-1, D)), cos, sin, Q // D, k_buf, v_buf, rows, cols)
+            rotary = (cos, sin, Q // D, k_buf, v_buf, rows, cols)
+            q, x = norm_project(layer.input_layernorm, x, delta, f.qkv, f.qkv_bias, fast, rotary=rotary)
             if kernels.attention_fits(q, k_buf):  # attention reading the cache in place, up to the chunk's end
                 o = kernels.decode_attention(q, k_buf, v_buf, rows, attention_mask, cols, attn.scaling)
             else:
                 keys, values = cache.read(i)  # keys: [N, Hkv, C, D]
         else:
+            qkv, x = norm_project(layer.input_layernorm, x, delta, f.qkv, f.qkv_bias, fast)  # qkv: [N, W, Q + K + V]
             if hasattr(attn, "q_norm"):  # Qwen3: per-head norms before the rotary embedding
                 q = rms_norm(attn.q_norm, qkv[..., :Q].view(N, W, -1, D))  # q: [N, W, Hq, D]
                 k = rms_norm(attn.k_norm, qkv[..., Q : Q + K].view(N, W, -1, D))
@@ -250,22 +252,31 @@ def norm_project(
     bias: torch.Tensor | None,
     fast: bool,
     act_fn: nn.Module | None = None,
+    rotary: tuple | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """`(F.linear(norm(x + delta), weight, bias), x + delta)`; with `act_fn`, `weight` is a fused gate/up and the
-    first result `act_fn(gate) * up`. Where `fast` allows the GEMV, it was chosen for this product and
-    `kernels.GEMV_FUSION` is on, the GEMV takes in the RMS norm (with nothing to add, `delta` None) and the SiLU
-    product, each where it measured faster so (`kernels.fusion_pays`)."""
+    first result `act_fn(gate) * up`; with `rotary` (`kernels.rotary_into_cache_`'s arguments after the heads, and
+    `fast`), `weight` is a fused qkv whose rotated keys and values go to the cache, and the first result the rotated
+    query heads `(N, W, Hq, D)`. Where `fast` allows the GEMV, it was chosen for this product and
+    `kernels.GEMV_FUSION` is on, the GEMV takes in the RMS norm (with nothing to add, `delta` None), the SiLU
+    product and the rotary embedding (one token), each where it measured faster so (`kernels.fusion_pays`)."""
     config = kernels.gemv_config(x, weight, bias) if fast and kernels.GEMV_FUSION else None
     norm_inside = config is not None and delta is None and _rms_norm_kernel(norm, x)
     norm_inside = norm_inside and kernels.fusion_pays("norm", x, weight, bias, config)
     gated = config is not None and act_fn is not None and _silu_kernel(act_fn)
     gated = gated and kernels.fusion_pays("gated", x, weight, bias, config)
+    heads = None if rotary is None else (rotary[2], rotary[3].shape[-1])  # (query heads, head size)
+    rope = config is not None and rotary is not None and x.numel() == x.shape[-1]
+    rope = rope and kernels.fusion_pays("rotary", x, weight, bias, config, heads)
     h, x = (x, x) if norm_inside else add_norm(norm, x, delta, fast)
-    if norm_inside or gated:
+    if norm_inside or gated or rope:
         inside = (norm.weight, norm.variance_epsilon) if norm_inside else None
-        y = kernels.gemv(h, weight, bias, config, norm=inside, gated=gated)
+        y = kernels.gemv(h, weight, bias, config, norm=inside, gated=gated, rotary=rotary if rope else None)
     else:
         y = project(h, weight, bias, fast)
+    if rotary is not None:
+        y = y.unflatten(-1, (-1, heads[1]))  # y: [N, W, Hq, D] (rotated inside), or [N, W, Hq + 2 Hkv, D]
+        return (y if rope else kernels.rotary_into_cache_(y, *rotary)), x
     return y if gated or act_fn is None else activate(act_fn, y, fast), x
 
 

@@ -23,11 +23,12 @@ weights take to read. These kernels do per token, in one launch each, what those
   takes the block shapes a sweep chose (`benchmarks.gemv_sweep`: on an H100 it beat cuBLAS on every projection of
   Qwen2.5-Math 1.5B and 7B by 9-31%), and only where it wins: at batch 1 on an H100 a draft token went from 2.24
   to 2.00 ms and a target one from 5.93 to 5.48 (a GPU out of memory for the timing copies keeps cuBLAS). The
-  GEMV can take the elementwise work around a layer's products (`gemv(norm=, gated=, residual=)`): the RMS norm
-  before, the SiLU product of a fused gate/up after, the residual add after; the fused forward lets it where
-  `fusion_pays` timed that faster than the separate kernel (on an H100 at batch 1: draft 2.008 -> 1.944 ms, target
-  5.627 -> 5.574). Its tensor-core form for 2 to 64 tokens (`SKINNY`) is off: at most 16% over cuBLAS at 16
-  tokens on an H100, slower at 64 for most shapes.
+  GEMV can take the elementwise work around a layer's products (`gemv(norm=, gated=, residual=, rotary=)`): the
+  RMS norm before, the SiLU product of a fused gate/up after, the residual add after, and (one token) the rotary
+  embedding and the cache writes after a fused qkv, `rotary_into_cache_`'s work; the fused forward lets it where
+  `fusion_pays` timed that faster than the separate kernel (on an H100 at batch 1, the first three: draft 2.008 ->
+  1.944 ms, target 5.627 -> 5.574; the rotary epilogue is not yet measured on a GPU). Its tensor-core form for 2
+  to 64 tokens (`SKINNY`) is off: at most 16% over cuBLAS at 16 tokens on an H100, slower at 64 for most shapes.
 
 `capturing` is how the fast path and these timings capture a CUDA graph.
 
@@ -283,23 +284,26 @@ def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor] | None:
 
 
 def fusion_pays(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                config: tuple[int, int, int, int]) -> bool:  # fmt: skip
+                config: tuple[int, int, int, int], heads: tuple[int, int] | None = None) -> bool:  # fmt: skip
     """Whether `gemv` in `config` with `fusion` inside (`"norm"`: the RMS norm before; `"gated"`: the SiLU product
-    after, of a fused gate/up `weight`) measured at least as fast as with that work in its own kernel
-    (`add_rms_norm`, `silu_mul`), for `x`'s tokens on its device: timed once per shape as `gemv_choice` times.
-    Under the interpreter (tests) always; on a GPU, False while a graph is being captured and nothing was measured."""
+    after, of a fused gate/up `weight`; `"rotary"`: the rotary embedding and the cache writes after, of a fused qkv
+    `weight` of `heads` = (query heads, head size)) measured at least as fast as with that work in its own kernel
+    (`add_rms_norm`, `silu_mul`, `rotary_into_cache_`), for `x`'s tokens on its device: timed once per shape as
+    `gemv_choice` times. Under the interpreter (tests) always; on a GPU, False while a graph is being captured and
+    nothing was measured."""
     K = x.shape[-1]
     key = (fusion, str(x.device), x.dtype, *weight.shape, bias is not None, rows_bucket(x.numel() // K), config)
+    key = key if heads is None else (*key, *heads)
     if key not in _FUSION_PAYS:
         if not x.is_cuda:
             return INTERPRET
         if torch.cuda.is_current_stream_capturing():
             return False
-        _FUSION_PAYS[key] = _measure_fusion(fusion, x.reshape(-1, K).clone(), weight, bias, config)
+        _FUSION_PAYS[key] = _measure_fusion(fusion, x.reshape(-1, K).clone(), weight, bias, config, heads)
     return _FUSION_PAYS[key]
 
 
-_FUSION_PAYS: dict[tuple, bool] = {}  # by (fusion, device, dtype, N, K, bias, rows bucket, configuration)
+_FUSION_PAYS: dict[tuple, bool] = {}  # by (fusion, device, dtype, N, K, bias, rows bucket, configuration[, heads])
 
 
 def fusion_choices() -> dict[tuple, bool]:
@@ -308,7 +312,7 @@ def fusion_choices() -> dict[tuple, bool]:
 
 
 def _measure_fusion(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    config: tuple[int, int, int, int]) -> bool:  # fmt: skip
+                    config: tuple[int, int, int, int], heads: tuple[int, int] | None = None) -> bool:  # fmt: skip
     """`fusion_pays`'s timing for `x` `(M, K)`: each way over `_weight_copies`, in CUDA graphs (`graph_timings`)."""
     copies = _weight_copies(weight)
     if copies is None:
@@ -317,6 +321,15 @@ def _measure_fusion(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: to
     if fusion == "norm":
         ways = {"inside": lambda: [gemv(x, w, bias, config, norm=(g, 1e-6)) for w in copies],
                 "apart": lambda: [gemv(add_rms_norm(x, g, 1e-6)[0], w, bias, config) for w in copies]}  # fmt: skip
+    elif fusion == "rotary":  # into a one-row, one-column cache
+        q_heads, D = heads
+        cos, sin = (torch.rand(1, 1, D, device=x.device, dtype=x.dtype) for _ in range(2))
+        keys = torch.zeros(1, (weight.shape[0] // D - q_heads) // 2, 1, D, device=x.device, dtype=x.dtype)
+        at = (torch.zeros(1, dtype=torch.long, device=x.device),) * 2  # cache row and column
+        rope = (cos, sin, q_heads, keys, torch.zeros_like(keys), *at)
+        ways = {"inside": lambda: [gemv(x, w, bias, config, rotary=rope) for w in copies],
+                "apart": lambda: [rotary_into_cache_(gemv(x, w, bias, config).view(1, 1, -1, D), *rope)
+                                  for w in copies]}  # fmt: skip
     else:
         ways = {"inside": lambda: [gemv(x, w, bias, config, gated=True) for w in copies],
                 "apart": lambda: [silu_mul(gemv(x, w, bias, config)) for w in copies]}  # fmt: skip
@@ -417,8 +430,8 @@ def _replays_seconds(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, n: 
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: tuple[int, int, int, int],
-         out: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
-         gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+         out: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
+         residual: torch.Tensor | None = None, rotary: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """A few tokens times a weight, `F.linear(x, weight, bias)` for `x` `(..., K)`, each program streaming `BLOCK_N`
     rows of `weight` `(N, K)` in blocks of `BLOCK_K` columns through every token, summed in float32 and rounded once
     (bias included): one token as products and sums (`_gemv`), more as tensor-core products with the tokens padded
@@ -433,24 +446,42 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         gated: `weight` is a fused gate/up `(2 I, K)` and the result `silu(gate) * up` `(..., I)`, each program
             taking a gate row and its up row (rounded as `silu_mul` after the products).
         residual (`(..., N)`): added to the rounded result (`residual + F.linear(...)`, as eager adds).
+        rotary (`(cos, sin, q_heads, keys, values, rows, cols)`, one token): `weight` is a fused qkv and the work of
+            `rotary_into_cache_` on its result runs inside, each program taking pairs of a head's rows d and
+            d + D / 2 (rounded as that kernel rounds, after the product's rounding): the rotated key and the value
+            heads go to the cache, and the result is the rotated query heads `(..., q_heads * D)`.
     """
     N, K = weight.shape
     x2 = _unit_stride(x.reshape(-1, K))  # x2: [M, K]
     M = x2.shape[0]
     w = _unit_stride(weight)
     width = N // 2 if gated else N  # output features
-    out = x2.new_empty(M, width) if out is None else out
-    block_n, block_k, warps, stages = config
     b = w if bias is None else bias
     g, eps = norm if norm is not None else (w, 0.0)
     r = w if residual is None else residual.reshape(M, width).contiguous()
     fusions = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual is not None}
+    block_n, block_k, warps, stages = config
+    if rotary is not None:
+        assert M == 1 and not gated and residual is None, "the rotary epilogue takes one token's plain qkv"
+        cos, sin, q_heads, keys, values, rows, cols = rotary
+        D = keys.shape[-1]
+        assert keys.stride(3) == 1 and values.stride() == keys.stride() and N % D == 0 and D % 2 == 0
+        width = q_heads * D  # the queries
+        c, s = (_unit_stride(t.reshape(-1)) for t in (cos, sin))  # c, s: [D], the token's
+        rope = (c, s, keys, values, rows, cols, q_heads, (N // D - q_heads) // 2, *keys.stride()[:3])
+        grid, second, fusions = triton.cdiv(N // 2, block_n), D // 2, fusions | {"ROTARY": True, "HALF": D // 2}
+    else:
+        rope = (w, w, w, w, w, w, 0, 0, 0, 0, 0)
+        grid, second, fusions = triton.cdiv(width, block_n), width, fusions | {"ROTARY": False, "HALF": 1}
+    out = x2.new_empty(M, width) if out is None else out
     if M == 1:
-        _gemv[(triton.cdiv(width, block_n),)](
-            x2, w, b, g, r, out, width, K, w.stride(0), float(eps), HAS_BIAS=bias is not None, **fusions,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        _gemv[(grid,)](
+            x2, w, b, g, r, out, N if rotary is not None else width, K, w.stride(0), float(eps), second, *rope,
+            HAS_BIAS=bias is not None, **fusions, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
     elif M:
+        fusions = {k: v for k, v in fusions.items() if k in ("NORM", "GATED", "RESIDUAL")}
         _skinny[(triton.cdiv(width, block_n),)](
             x2, w, b, g, r, out, M, width, K, x2.stride(0), w.stride(0), float(eps), HAS_BIAS=bias is not None,
             **fusions, ROWS=rows_bucket(M), BLOCK_N=block_n, BLOCK_K=max(16, block_k * 2 // x2.element_size()),
@@ -508,17 +539,26 @@ if triton is not None:
         return y.to(dt)
 
     @triton.jit
-    def _gemv(X, Wt, B, G, R, OUT, N, K, stride_w, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-              GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _gemv(X, Wt, B, G, R, OUT, N, K, stride_w, eps, second, C, S, KC, VC, KROWS, KCOLS, HQ, HKV, stride_krow,
+              stride_khead, stride_kcol, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+              RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):  # fmt: skip
         """BLOCK_N output features per program: OUT = X Wt^T (+ B) for one token, products summed in float32 per
         lane over the blocks of K, then across lanes, rounded once. NORM: X's RMS norm times G is the input (its
-        scale applied to the sums); GATED: Wt has 2 N rows and OUT = silu(gate) * up of its two halves' results;
-        RESIDUAL: OUT = R + the rounded result."""
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
-        rows = n[:, None] < N
+        scale applied to the sums); GATED: Wt has 2 N rows and OUT = silu(gate) * up of its two halves' results
+        (`second` = N rows apart); RESIDUAL: OUT = R + the rounded result; ROTARY: Wt is a fused qkv of N rows in
+        heads of 2 HALF, each program taking BLOCK_N pairs of a head's row d and its row d + HALF (`second` =
+        HALF), the result stored as `_rotary_store` does."""
+        i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # i: [BLOCK_N]
+        if ROTARY:  # pair i: row d = i % HALF of head i // HALF, with its row d + HALF
+            n = (i // HALF) * (2 * HALF) + i % HALF
+            live = i < N // 2
+        else:
+            n = i
+            live = i < N
+        rows = live[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up half's
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up half's; ROTARY: the rows d + HALF
         squares = tl.zeros([BLOCK_K], tl.float32)  # NORM: X's squares, per lane
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
@@ -529,17 +569,51 @@ if triton is not None:
                 squares += x * x
                 x = x * tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
-            if GATED:
+            if GATED or ROTARY:
                 w_up = tl.load(
-                    at + N * stride_w, mask=rows & (k[None, :] < K), other=0.0, eviction_policy="evict_first"
+                    at + second * stride_w, mask=rows & (k[None, :] < K), other=0.0, eviction_policy="evict_first"
                 )
                 acc_up += w_up.to(tl.float32) * x[None, :]
         y, up = tl.sum(acc, 1), tl.sum(acc_up, 1)  # y: [BLOCK_N]
         if NORM:
             scale = tl.math.rsqrt(tl.sum(squares, 0) / K + eps)
             y, up = y * scale, up * scale
-        out = _finish(y, up, B, R, n, 0, N, n < N, HAS_BIAS, GATED, RESIDUAL, OUT.dtype.element_ty)
-        tl.store(OUT + n, out, mask=n < N)
+        if ROTARY:
+            _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, HQ, HKV, stride_krow, stride_khead,
+                          stride_kcol, HAS_BIAS, HALF, OUT.dtype.element_ty)  # fmt: skip
+        else:
+            out = _finish(y, up, B, R, n, 0, N, live, HAS_BIAS, GATED, RESIDUAL, OUT.dtype.element_ty)
+            tl.store(OUT + n, out, mask=live)
+
+    @triton.jit
+    def _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, HQ, HKV, stride_krow, stride_khead,
+                      stride_kcol, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr):  # fmt: skip
+        """The float32 sums `y` and `up` of a one-token qkv's rows n and n + HALF (pair i: row d = i % HALF of head
+        i // HALF), biased and rounded as the projection's output, then as `_rotary_into_cache` does: a query
+        head's pair rotated by the token's C (cos) and S (sin) into OUT (the queries), a key head's rotated into
+        KC, a value head's as it is into VC, at the token's cache row KROWS[0] and column KCOLS[0]."""
+        if HAS_BIAS:
+            y += tl.load(B + n, mask=live, other=0.0).to(tl.float32)
+            up += tl.load(B + n + HALF, mask=live, other=0.0).to(tl.float32)
+        y1, y2 = y.to(dt), up.to(dt)
+        head, d = i // HALF, i % HALF
+        f1, f2 = y1.to(tl.float32), y2.to(tl.float32)
+        c1 = tl.load(C + d, mask=live, other=0.0).to(tl.float32)
+        c2 = tl.load(C + HALF + d, mask=live, other=0.0).to(tl.float32)
+        s1 = tl.load(S + d, mask=live, other=0.0).to(tl.float32)
+        s2 = tl.load(S + HALF + d, mask=live, other=0.0).to(tl.float32)
+        o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
+        o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
+        is_q = live & (head < HQ)
+        tl.store(OUT + n, o1, mask=is_q)
+        tl.store(OUT + n + HALF, o2, mask=is_q)
+        at = tl.load(KROWS) * stride_krow + tl.load(KCOLS) * stride_kcol + d  # the token's cache row and column
+        is_k = live & (head >= HQ) & (head < HQ + HKV)
+        tl.store(KC + at + (head - HQ) * stride_khead, o1, mask=is_k)
+        tl.store(KC + at + (head - HQ) * stride_khead + HALF, o2, mask=is_k)
+        is_v = live & (head >= HQ + HKV)
+        tl.store(VC + at + (head - HQ - HKV) * stride_khead, y1, mask=is_v)
+        tl.store(VC + at + (head - HQ - HKV) * stride_khead + HALF, y2, mask=is_v)
 
     @triton.jit
     def _skinny(X, Wt, B, G, R, OUT, M, N, K, stride_x, stride_w, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,

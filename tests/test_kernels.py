@@ -165,6 +165,24 @@ def check_gemv(device: str) -> None:
                     want = (residual.double() + F.linear(x.double(), weight.double(), b64).to(dtype)).to(dtype)
                     got = real(x, weight, b, config, residual=residual)  # the product rounded, then added
                     _assert_ulps(got, want, 1 + (M > 1), ("residual", N, K, M), True)
+    for dtype in DTYPES:  # the rotary embedding and the cache writes after a one-token qkv: what the two kernels give
+        for (hq, hkv, D), K in (((4, 2, 16), 40), ((6, 2, 8), 300)):  # partial blocks of columns in the second
+            torch.manual_seed(hq + D + K)
+            N = (hq + 2 * hkv) * D
+            weight = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+            bias = torch.randn(N, device=device).to(dtype)
+            x, g = torch.randn(1, 1, K, device=device).to(dtype), torch.randn(K, device=device).to(dtype)
+            cos, sin = (torch.randn(1, 1, D, device=device).to(dtype) for _ in range(2))
+            at = (torch.tensor([2], device=device), torch.tensor([5], device=device))  # the token's cache row, column
+            configs = (kernels.GEMV_CONFIGS[0], kernels.GEMV_CONFIGS[3])  # 2 and 4 pairs of rows per program
+            for config, b, norm in itertools.product(configs, (None, bias), (None, (g, 1e-6))):
+                caches = [[torch.zeros(3, hkv, 7, D, device=device, dtype=dtype) for _ in range(2)] for _ in range(2)]
+                qkv = real(x, weight, b, config, norm=norm).unflatten(-1, (-1, D))
+                want = kernels.rotary_into_cache_(qkv, cos, sin, hq, *caches[0], *at)
+                got = real(x, weight, b, config, norm=norm, rotary=(cos, sin, hq, *caches[1], *at))
+                assert torch.equal(got.unflatten(-1, (-1, D)), want), ("rotary", dtype, hq, D, K, config)
+                assert all(torch.equal(a, c) for a, c in zip(*caches, strict=True)), ("rotary cache", dtype, config)
+                assert caches[1][0][2, :, 5].abs().sum() > 0 and caches[1][0][:2].abs().sum() == 0
     assert [kernels.rows_bucket(M) for M in (1, 2, 16, 17, 64)] == [1, 16, 16, 32, 64]
     kernels._GEMV_CHOICE.clear()
     if device == "cuda":
@@ -269,9 +287,11 @@ def check_forward(device: str) -> None:
                 steps = [cache.feed(torch.tensor([[30 + t], [40 + t], [50 + t]]), torch.ones(3, 1, dtype=torch.bool))
                          for t in range(3)]  # fmt: skip
                 outs.append(torch.stack(steps))
-                # the gathered row's one-token forward ran its norms, SiLU product and residual adds in the GEMV
-                if gemv and enabled:  # all three (forced as the GEMV is)
-                    assert fusions == {"norm", "gated", "residual"}, (name, fusions)
+                # the gathered row's one-token forward ran its norms, SiLU product, residual adds and (but for
+                # Qwen3's q/k norms) rotary embedding in the GEMV
+                if gemv and enabled:  # all (forced as the GEMV is)
+                    want = {"norm", "gated", "residual"} | ({"rotary"} if name != "qwen3" else set())
+                    assert fusions == want, (name, fusions)
                 elif not enabled or device == "cpu":  # on a GPU the GEMV may have been chosen for some products
                     assert fusions == set(), (name, fusions)
                 fusions.clear()
@@ -350,13 +370,16 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
                                      "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
     gemv = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32",
-            "eps": "fp32"}  # fmt: skip
+            "eps": "fp32", "second": "i32", "C": p, "S": p, "KC": p, "VC": p, "KROWS": p, "KCOLS": p}  # fmt: skip
+    gemv |= {n: "i32" for n in ("HQ", "HKV", "stride_krow", "stride_khead", "stride_kcol")}
+    gemv_rotary = gemv | {"KROWS": "*i64", "KCOLS": "*i64"}  # the cache row and column of the token
     skinny = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "M": "i32", "N": "i32", "K": "i32",
               "stride_x": "i32", "stride_w": "i32", "eps": "fp32"}  # fmt: skip
     # as the fused forward launches them: plain in every configuration, and (in the first, as the constexprs that
     # differ are the same) with the norm before (qkv), with it and the SiLU product after (gate/up), the sum after
     plain = {"NORM": False, "GATED": False, "RESIDUAL": False}
     fusions = [plain | {"NORM": True}, plain | {"NORM": True, "GATED": True}, plain | {"RESIDUAL": True}]
+    no_rope = {"ROTARY": False, "HALF": 1}
     precision = "ieee" if dtype == "fp32" else "tf32"
     gemv_blocks = [{"BLOCK_N": n, "BLOCK_K": k} for n, k, _, _ in kernels.GEMV_CONFIGS]
     skinny_blocks = [{"BLOCK_N": n, "BLOCK_K": k} for n, k, _, _ in kernels.SKINNY_CONFIGS]
@@ -365,8 +388,9 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
         "_add_rms_norm": [(norm, {"HAS_DELTA": d, "BLOCK": 2048}) for d in (False, True)],
         "_rotary_into_cache": [(rotary, {"HALF": 64, "BLOCK": 64})],
         "_silu_mul": [(silu, {"BLOCK": 1024})],
-        "_gemv": [(gemv, {"HAS_BIAS": b} | plain | blocks) for b in (False, True) for blocks in gemv_blocks]
-        + [(gemv, {"HAS_BIAS": True} | fusion | gemv_blocks[0]) for fusion in fusions],
+        "_gemv": [(gemv, {"HAS_BIAS": b} | plain | no_rope | blocks) for b in (False, True) for blocks in gemv_blocks]
+        + [(gemv, {"HAS_BIAS": True} | fusion | no_rope | gemv_blocks[0]) for fusion in fusions]
+        + [(gemv_rotary, {"HAS_BIAS": True} | fusions[0] | {"ROTARY": True, "HALF": 64} | gemv_blocks[0])],
         "_skinny": [(skinny, skinny_rest | {"ROWS": r} | plain | blocks) for r in (16, 64) for blocks in skinny_blocks]
         + [(skinny, skinny_rest | {"ROWS": 16} | fusion | skinny_blocks[0]) for fusion in fusions],
         "_decode_attention": [
