@@ -259,15 +259,14 @@ def norm_project(
     `fast`), `weight` is a fused qkv whose rotated keys and values go to the cache, and the first result the rotated
     query heads `(N, W, Hq, D)`. Where `fast` allows the GEMV, it was chosen for this product and
     `kernels.GEMV_FUSION` is on, the GEMV takes in the RMS norm (with nothing to add, `delta` None), the SiLU
-    product and the rotary embedding (one token), each where it measured faster so (`kernels.fusion_pays`)."""
+    product and the rotary embedding, each where it measured faster so (`kernels.fusion_pays`)."""
     config = kernels.gemv_config(x, weight, bias) if fast and kernels.GEMV_FUSION else None
     norm_inside = config is not None and delta is None and _rms_norm_kernel(norm, x)
     norm_inside = norm_inside and kernels.fusion_pays("norm", x, weight, bias, config)
     gated = config is not None and act_fn is not None and _silu_kernel(act_fn)
     gated = gated and kernels.fusion_pays("gated", x, weight, bias, config)
     heads = None if rotary is None else (rotary[2], rotary[3].shape[-1])  # (query heads, head size)
-    rope = config is not None and rotary is not None and x.numel() == x.shape[-1]
-    rope = rope and kernels.fusion_pays("rotary", x, weight, bias, config, heads)
+    rope = config is not None and rotary is not None and kernels.fusion_pays("rotary", x, weight, bias, config, heads)
     h, x = (x, x) if norm_inside else add_norm(norm, x, delta, fast)
     if norm_inside or gated or rope:
         inside = (norm.weight, norm.variance_epsilon) if norm_inside else None

@@ -24,7 +24,7 @@ weights take to read. These kernels do per token, in one launch each, what those
   Qwen2.5-Math 1.5B and 7B by 9-31%), and only where it wins: at batch 1 on an H100 a draft token went from 2.24
   to 2.00 ms and a target one from 5.93 to 5.48 (a GPU out of memory for the timing copies keeps cuBLAS). The
   GEMV can take the elementwise work around a layer's products (`gemv(norm=, gated=, residual=, rotary=)`): the
-  RMS norm before, the SiLU product of a fused gate/up after, the residual add after, and (one token) the rotary
+  RMS norm before, the SiLU product of a fused gate/up after, the residual add after, and the rotary
   embedding and the cache writes after a fused qkv, `rotary_into_cache_`'s work; the fused forward lets it where
   `fusion_pays` timed that faster than the separate kernel (on an H100 at batch 1, the first three: draft 2.008 ->
   1.944 ms, target 5.627 -> 5.574; the rotary epilogue is not yet measured on a GPU). Its tensor-core form for 2
@@ -321,14 +321,14 @@ def _measure_fusion(fusion: str, x: torch.Tensor, weight: torch.Tensor, bias: to
     if fusion == "norm":
         ways = {"inside": lambda: [gemv(x, w, bias, config, norm=(g, 1e-6)) for w in copies],
                 "apart": lambda: [gemv(add_rms_norm(x, g, 1e-6)[0], w, bias, config) for w in copies]}  # fmt: skip
-    elif fusion == "rotary":  # into a one-row, one-column cache
-        q_heads, D = heads
-        cos, sin = (torch.rand(1, 1, D, device=x.device, dtype=x.dtype) for _ in range(2))
-        keys = torch.zeros(1, (weight.shape[0] // D - q_heads) // 2, 1, D, device=x.device, dtype=x.dtype)
-        at = (torch.zeros(1, dtype=torch.long, device=x.device),) * 2  # cache row and column
+    elif fusion == "rotary":  # each token into its own row of a one-column cache
+        (M, _), (q_heads, D) = x.shape, heads
+        cos, sin = (torch.rand(M, 1, D, device=x.device, dtype=x.dtype) for _ in range(2))
+        keys = torch.zeros(M, (weight.shape[0] // D - q_heads) // 2, 1, D, device=x.device, dtype=x.dtype)
+        at = (torch.arange(M, device=x.device), torch.zeros(1, dtype=torch.long, device=x.device))  # rows, column
         rope = (cos, sin, q_heads, keys, torch.zeros_like(keys), *at)
         ways = {"inside": lambda: [gemv(x, w, bias, config, rotary=rope) for w in copies],
-                "apart": lambda: [rotary_into_cache_(gemv(x, w, bias, config).view(1, 1, -1, D), *rope)
+                "apart": lambda: [rotary_into_cache_(gemv(x, w, bias, config).view(M, 1, -1, D), *rope)
                                   for w in copies]}  # fmt: skip
     else:
         ways = {"inside": lambda: [gemv(x, w, bias, config, gated=True) for w in copies],
@@ -446,10 +446,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
         gated: `weight` is a fused gate/up `(2 I, K)` and the result `silu(gate) * up` `(..., I)`, each program
             taking a gate row and its up row (rounded as `silu_mul` after the products).
         residual (`(..., N)`): added to the rounded result (`residual + F.linear(...)`, as eager adds).
-        rotary (`(cos, sin, q_heads, keys, values, rows, cols)`, one token): `weight` is a fused qkv and the work of
-            `rotary_into_cache_` on its result runs inside, each program taking pairs of a head's rows d and
-            d + D / 2 (rounded as that kernel rounds, after the product's rounding): the rotated key and the value
-            heads go to the cache, and the result is the rotated query heads `(..., q_heads * D)`.
+        rotary (`rotary_into_cache_`'s arguments after the heads: `(cos, sin, q_heads, keys, values, rows, cols)`,
+            for x's `(len(rows), len(cols))` tokens): `weight` is a fused qkv and that function's work on the
+            result runs inside, each program taking pairs of a head's rows d and d + D / 2 (rounded as it rounds,
+            after the product's rounding): the rotated key and the value heads go to the cache, and the result is
+            the rotated query heads `(..., q_heads * D)`.
     """
     N, K = weight.shape
     x2 = _unit_stride(x.reshape(-1, K))  # x2: [M, K]
@@ -462,30 +463,33 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     fusions = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual is not None}
     block_n, block_k, warps, stages = config
     if rotary is not None:
-        assert M == 1 and not gated and residual is None, "the rotary epilogue takes one token's plain qkv"
+        assert not gated and residual is None, "the rotary epilogue takes a plain qkv"
         cos, sin, q_heads, keys, values, rows, cols = rotary
         D = keys.shape[-1]
         assert keys.stride(3) == 1 and values.stride() == keys.stride() and N % D == 0 and D % 2 == 0
+        assert cos.numel() == sin.numel() == M * D and len(cols) * len(rows) == M
         width = q_heads * D  # the queries
-        c, s = (_unit_stride(t.reshape(-1)) for t in (cos, sin))  # c, s: [D], the token's
-        rope = (c, s, keys, values, rows, cols, q_heads, (N // D - q_heads) // 2, *keys.stride()[:3])
-        grid, second, fusions = triton.cdiv(N // 2, block_n), D // 2, fusions | {"ROTARY": True, "HALF": D // 2}
+        c, s = (_unit_stride(t.reshape(M, D)) for t in (cos, sin))  # c, s: [M, D], each token's
+        features, second = N // 2, D // 2  # pairs of rows
+        rope = (c, s, keys, values, rows, cols, len(cols), q_heads, (N // D - q_heads) // 2, *keys.stride()[:3])
+        fusions |= {"ROTARY": True, "HALF": D // 2}
     else:
-        rope = (w, w, w, w, w, w, 0, 0, 0, 0, 0)
-        grid, second, fusions = triton.cdiv(width, block_n), width, fusions | {"ROTARY": False, "HALF": 1}
+        features, second = width, width
+        rope = (w, w, w, w, w, w, 1, 0, 0, 0, 0, 0)
+        fusions |= {"ROTARY": False, "HALF": 1}
     out = x2.new_empty(M, width) if out is None else out
+    n = N if rotary is not None else width  # rows the kernel reads as features (pairs of them: ROTARY)
     if M == 1:
-        _gemv[(grid,)](
-            x2, w, b, g, r, out, N if rotary is not None else width, K, w.stride(0), float(eps), second, *rope,
+        _gemv[(triton.cdiv(features, block_n),)](
+            x2, w, b, g, r, out, n, K, w.stride(0), float(eps), second, *rope[:6], *rope[7:],
             HAS_BIAS=bias is not None, **fusions, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
     elif M:
-        fusions = {k: v for k, v in fusions.items() if k in ("NORM", "GATED", "RESIDUAL")}
-        _skinny[(triton.cdiv(width, block_n),)](
-            x2, w, b, g, r, out, M, width, K, x2.stride(0), w.stride(0), float(eps), HAS_BIAS=bias is not None,
-            **fusions, ROWS=rows_bucket(M), BLOCK_N=block_n, BLOCK_K=max(16, block_k * 2 // x2.element_size()),
-            UPCAST=INTERPRET and x2.dtype != torch.float32,
+        _skinny[(triton.cdiv(features, block_n),)](
+            x2, w, b, g, r, out, M, n, K, x2.stride(0), w.stride(0), float(eps), second, *rope,
+            HAS_BIAS=bias is not None, **fusions, ROWS=rows_bucket(M), BLOCK_N=block_n,
+            BLOCK_K=max(16, block_k * 2 // x2.element_size()), UPCAST=INTERPRET and x2.dtype != torch.float32,
             PRECISION="ieee" if x2.dtype == torch.float32 or INTERPRET else "tf32", num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
@@ -579,35 +583,40 @@ if triton is not None:
             scale = tl.math.rsqrt(tl.sum(squares, 0) / K + eps)
             y, up = y * scale, up * scale
         if ROTARY:
-            _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, HQ, HKV, stride_krow, stride_khead,
-                          stride_kcol, HAS_BIAS, HALF, OUT.dtype.element_ty)  # fmt: skip
+            _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, 0, 1, 1, HQ, HKV, stride_krow,
+                          stride_khead, stride_kcol, HAS_BIAS, HALF, OUT.dtype.element_ty)  # fmt: skip
         else:
             out = _finish(y, up, B, R, n, 0, N, live, HAS_BIAS, GATED, RESIDUAL, OUT.dtype.element_ty)
             tl.store(OUT + n, out, mask=live)
 
     @triton.jit
-    def _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, HQ, HKV, stride_krow, stride_khead,
-                      stride_kcol, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, dt: tl.constexpr):  # fmt: skip
-        """The float32 sums `y` and `up` of a one-token qkv's rows n and n + HALF (pair i: row d = i % HALF of head
-        i // HALF), biased and rounded as the projection's output, then as `_rotary_into_cache` does: a query
-        head's pair rotated by the token's C (cos) and S (sin) into OUT (the queries), a key head's rotated into
-        KC, a value head's as it is into VC, at the token's cache row KROWS[0] and column KCOLS[0]."""
+    def _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, t, M, W, HQ, HKV, stride_krow,
+                      stride_khead, stride_kcol, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
+                      dt: tl.constexpr):  # fmt: skip
+        """The float32 sums `y` and `up` of a qkv's rows n and n + HALF (pair i: row d = i % HALF of head i // HALF)
+        for tokens t (0, or a column of token indices below M; a chunk of W tokens per cache row), biased and
+        rounded as the projection's output, then as `_rotary_into_cache` does: a query head's pair rotated by its
+        token's C (cos) and S (sin) into OUT (the queries, HQ heads of 2 HALF per token), a key head's rotated
+        into KC, a value head's as it is into VC, at the token's cache row KROWS[t // W] and column KCOLS[t % W]."""
         if HAS_BIAS:
             y += tl.load(B + n, mask=live, other=0.0).to(tl.float32)
             up += tl.load(B + n + HALF, mask=live, other=0.0).to(tl.float32)
         y1, y2 = y.to(dt), up.to(dt)
         head, d = i // HALF, i % HALF
         f1, f2 = y1.to(tl.float32), y2.to(tl.float32)
-        c1 = tl.load(C + d, mask=live, other=0.0).to(tl.float32)
-        c2 = tl.load(C + HALF + d, mask=live, other=0.0).to(tl.float32)
-        s1 = tl.load(S + d, mask=live, other=0.0).to(tl.float32)
-        s2 = tl.load(S + HALF + d, mask=live, other=0.0).to(tl.float32)
+        cs = t * (2 * HALF) + d  # the token's cos and sin, contiguous per token
+        c1 = tl.load(C + cs, mask=live, other=0.0).to(tl.float32)
+        c2 = tl.load(C + cs + HALF, mask=live, other=0.0).to(tl.float32)
+        s1 = tl.load(S + cs, mask=live, other=0.0).to(tl.float32)
+        s2 = tl.load(S + cs + HALF, mask=live, other=0.0).to(tl.float32)
         o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
         o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
         is_q = live & (head < HQ)
-        tl.store(OUT + n, o1, mask=is_q)
-        tl.store(OUT + n + HALF, o2, mask=is_q)
-        at = tl.load(KROWS) * stride_krow + tl.load(KCOLS) * stride_kcol + d  # the token's cache row and column
+        q = OUT + t * (HQ * 2 * HALF) + n
+        tl.store(q, o1, mask=is_q)
+        tl.store(q + HALF, o2, mask=is_q)
+        row = tl.load(KROWS + t // W, mask=t < M, other=0)
+        at = row * stride_krow + tl.load(KCOLS + t % W, mask=t < M, other=0) * stride_kcol + d
         is_k = live & (head >= HQ) & (head < HQ + HKV)
         tl.store(KC + at + (head - HQ) * stride_khead, o1, mask=is_k)
         tl.store(KC + at + (head - HQ) * stride_khead + HALF, o2, mask=is_k)
@@ -616,17 +625,26 @@ if triton is not None:
         tl.store(VC + at + (head - HQ - HKV) * stride_khead + HALF, y2, mask=is_v)
 
     @triton.jit
-    def _skinny(X, Wt, B, G, R, OUT, M, N, K, stride_x, stride_w, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                GATED: tl.constexpr, RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    def _skinny(X, Wt, B, G, R, OUT, M, N, K, stride_x, stride_w, eps, second, C, S, KC, VC, KROWS, KCOLS, W, HQ,
+                HKV, stride_krow, stride_khead, stride_kcol, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                GATED: tl.constexpr, RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HALF: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):  # fmt: skip
         """BLOCK_N output features per program for M <= ROWS tokens: OUT = X Wt^T (+ B), tensor-core products of
-        the (padded) tokens with blocks of K weight columns, summed in float32, rounded once. NORM, GATED and
-        RESIDUAL as in `_gemv` (the normed input rounded to X's dtype for the products)."""
+        the (padded) tokens with blocks of K weight columns, summed in float32, rounded once. NORM, GATED,
+        RESIDUAL and ROTARY as in `_gemv` (the normed input rounded to X's dtype for the products; ROTARY: tokens
+        in rows of W, as `_rotary_store` takes them)."""
         dt = OUT.dtype.element_ty
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # n: [BLOCK_N]
+        i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # i: [BLOCK_N]
+        if ROTARY:  # pair i: row d = i % HALF of head i // HALF, with its row d + HALF
+            n = (i // HALF) * (2 * HALF) + i % HALF
+            features = i < N // 2
+        else:
+            n = i
+            features = i < N
         m = tl.arange(0, ROWS)  # m: [ROWS]
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        acc_up = tl.zeros([ROWS, BLOCK_N], tl.float32)  # GATED: the up half's
+        acc_up = tl.zeros([ROWS, BLOCK_N], tl.float32)  # GATED: the up half's; ROTARY: the rows d + HALF
         squares = tl.zeros([ROWS], tl.float32)  # NORM: each token's sum of squares
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
@@ -636,22 +654,26 @@ if triton is not None:
                 squares += tl.sum(xf * xf, 1)
                 x = (xf * tl.load(G + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(dt)
             at = Wt + n[:, None] * stride_w + k[None, :]
-            live = (n[:, None] < N) & (k[None, :] < K)
+            live = features[:, None] & (k[None, :] < K)
             w = tl.load(at, mask=live, other=0.0, eviction_policy="evict_first")
             if UPCAST:  # the interpreter multiplies bfloat16 matrices wrongly: in float32 there
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)  # [ROWS, BLOCK_N]
-            if GATED:
-                w_up = tl.load(at + N * stride_w, mask=live, other=0.0, eviction_policy="evict_first")
+            if GATED or ROTARY:
+                w_up = tl.load(at + second * stride_w, mask=live, other=0.0, eviction_policy="evict_first")
                 if UPCAST:
                     w_up = w_up.to(tl.float32)
                 acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
         if NORM:
             scale = tl.math.rsqrt(squares / K + eps)[:, None]
             acc, acc_up = acc * scale, acc_up * scale
-        live = (m[:, None] < M) & (n[None, :] < N)
-        out = _finish(acc, acc_up, B, R, n[None, :], m[:, None] * N, N, live, HAS_BIAS, GATED, RESIDUAL, dt)
-        tl.store(OUT + m[:, None] * N + n[None, :], out, mask=live)
+        live = (m[:, None] < M) & features[None, :]
+        if ROTARY:
+            _rotary_store(acc, acc_up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i[None, :], n[None, :], live, m[:, None],
+                          M, W, HQ, HKV, stride_krow, stride_khead, stride_kcol, HAS_BIAS, HALF, dt)  # fmt: skip
+        else:
+            out = _finish(acc, acc_up, B, R, n[None, :], m[:, None] * N, N, live, HAS_BIAS, GATED, RESIDUAL, dt)
+            tl.store(OUT + m[:, None] * N + n[None, :], out, mask=live)
 
     @triton.jit
     def _silu_mul(GU, OUT, width, stride_gu, BLOCK: tl.constexpr):
