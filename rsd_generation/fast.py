@@ -80,6 +80,7 @@ class StaticKV:
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.cols: torch.Tensor | None = None  # cols: [L], the columns the running forward writes
         self.rows: torch.Tensor | None = None  # rows: [N], the buffer rows of a gathered forward (None: all B)
+        self.colmask: torch.Tensor | None = None  # colmask: [B + 1, C], every buffer row's valid columns
         self._all_rows: torch.Tensor | None = None  # arange(B) on the buffers' device
 
     @property
@@ -405,20 +406,26 @@ class StaticRowCache(RowCache):
               slots: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """One forward of a `(N, W)` chunk written at columns `cols` `(W,)` of the buffer rows `slots` `(N,)` (None:
         all B rows): the output at `last` (`(N,)` or `(N, K)`)."""
-        self.kv.cols, self.kv.rows = cols, slots
-        colmask = self.colmask[: self.batch_size] if slots is None else self.colmask[slots]  # colmask: [N, C]
-        c = torch.arange(self.kv.capacity, device=cols.device)  # c: [C]
-        allowed = colmask[:, None, :] & (c <= cols[:, None])  # allowed: [N, W, C], causal over valid columns
-        allowed = allowed | (c == cols[:, None])  # a padded query attends to itself: never an all-masked row
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=cols.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # mask: [N, 1, W, C]
-        if self.fused is not None:
+        self.kv.cols, self.kv.rows, self.kv.colmask = cols, slots, self.colmask
+        mask = functools.partial(self._mask, cols, slots)  # built only where an attention reads it
+        if self.fused is not None:  # the decode-attention kernel reads the column mask itself
             hidden = fused_forward(self.backbone, self.fused, ids, mask, pos, self.kv)  # hidden: [N, W, H]
         else:
             kw = {self.cache_kwarg: self.kv}
-            hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+            hidden = self.backbone(input_ids=ids, attention_mask=mask(), position_ids=pos, use_cache=True, **kw)
             hidden = hidden.last_hidden_state  # hidden: [N, W, H]
         return self.head(pick_rows(hidden, last))
+
+    def _mask(self, cols: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        """The additive attention mask `(N, 1, W, C)` of a chunk at columns `cols` `(W,)` of the buffer rows `slots`
+        (None: all B): each query sees its row's valid columns up to its own, and its own (a padded query too:
+        never an all-masked row)."""
+        colmask = self.colmask[: self.batch_size] if slots is None else self.colmask[slots]  # colmask: [N, C]
+        c = torch.arange(self.kv.capacity, device=cols.device)  # c: [C]
+        allowed = colmask[:, None, :] & (c <= cols[:, None])  # allowed: [N, W, C], causal over valid columns
+        allowed = allowed | (c == cols[:, None])
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=cols.device)
+        return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]  # mask: [N, 1, W, C]
 
     def _graphed(self, L: int, window: int | None, rows: int, gathered: bool) -> bool:
         """Whether a chunk of `L` tokens over `rows` rows (`gathered` from the buffers, or all) replays a captured

@@ -22,6 +22,7 @@ residual add after the output and down products, so a decoder layer at batch 1 r
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -171,7 +172,7 @@ def fused_forward(
     backbone: nn.Module,
     layers: list[FusedLayer],
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | Callable[[], torch.Tensor],
     position_ids: torch.Tensor,
     cache,
 ) -> torch.Tensor:
@@ -180,11 +181,13 @@ def fused_forward(
     Args:
         backbone (`nn.Module`): the model body whose layers `layers` describes.
         input_ids (`torch.LongTensor` of shape `(N, W)`): the chunk.
-        attention_mask (`torch.Tensor` of shape `(N, 1, W, C)`): additive, over the cache's C columns.
+        attention_mask (`torch.Tensor` of shape `(N, 1, W, C)`, or a callable building it): additive, over the
+            cache's C columns (called, once, only if an attention needs it).
         position_ids (`torch.LongTensor` of shape `(N, W)`): each token's position.
         cache: a static cache with `update(keys, values, layer_idx)` returning the layer's keys and values
             `(N, H_kv, C, D)`; with `destination(layer_idx)` and `read(layer_idx)` (`fast.StaticKV`), the
-            kernels write the keys and values themselves.
+            kernels write the keys and values themselves, and with `colmask` (its rows' valid columns) the
+            decode-attention kernel reads them in place (no mask is built).
     """
     x = backbone.embed_tokens(input_ids)  # x: [N, W, H]
     cos, sin = backbone.rotary_emb(x, position_ids)  # cos: [N, W, D]
@@ -202,8 +205,10 @@ def fused_forward(
             k_buf, v_buf, rows, cols = cache.destination(i)
             rotary = (cos, sin, Q // D, k_buf, v_buf, rows, cols)
             q, x = norm_project(layer.input_layernorm, x, delta, f.qkv, f.qkv_bias, fast, rotary=rotary)
-            if kernels.attention_fits(q, k_buf):  # attention reading the cache in place, up to the chunk's end
-                o = kernels.decode_attention(q, k_buf, v_buf, rows, attention_mask, cols, attn.scaling)
+            # attention reading the cache and its column mask in place, up to the chunk's end
+            colmask = getattr(cache, "colmask", None)
+            if colmask is not None and kernels.attention_fits(q, k_buf):
+                o = kernels.decode_attention(q, k_buf, v_buf, rows, colmask, cols, attn.scaling)
             else:
                 keys, values = cache.read(i)  # keys: [N, Hkv, C, D]
         else:
@@ -218,6 +223,7 @@ def fused_forward(
             v = qkv[..., Q + K :].unflatten(-1, (-1, D))  # v: [N, W, Hkv, D]
             keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), i)  # keys: [N, Hkv, C, D]
         if o is None:
+            attention_mask = attention_mask() if callable(attention_mask) else attention_mask  # built once
             o = grouped_attention(q.transpose(1, 2), keys, values, attention_mask, attn.scaling, masks)  # [N, Hq, W, D]
             o = o.transpose(1, 2).reshape(N, W, -1)
         x, delta = add_project(attn.o_proj, o, x, fast)

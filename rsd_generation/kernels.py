@@ -118,7 +118,7 @@ def _try_kernels(x: torch.Tensor) -> bool:
         q = rotary_into_cache_(qkv, cos, sin, 2, keys, values, rows, cols)
         silu_mul(torch.randn(2, 64, device=dev).to(dt))
         if ATTENTION:
-            decode_attention(q, keys, values, rows, torch.zeros(1, 1, 1, 2, device=dev, dtype=dt), cols, 1.0)
+            decode_attention(q, keys, values, rows, torch.ones(1, 2, dtype=torch.bool, device=dev), cols, 1.0)
         if x.is_cuda:
             torch.cuda.synchronize(dev)  # a launch failure surfaces here
     except Exception as e:  # any failure to build or launch: the eager operations serve instead
@@ -197,16 +197,18 @@ def attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
-                     mask: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
-    """`softmax(q k^T * scale + mask) v` for grouped-query heads over the columns `[0, cols[-1]]` of the cache
-    rows `rows`; columns after the chunk's last are never read (the mask hides them anyway).
+                     colmask: torch.Tensor, cols: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
+    """`softmax(q k^T * scale) v` for grouped-query heads over the columns `[0, cols[-1]]` of the cache rows `rows`,
+    each query seeing its row's valid columns up to its own and its own column (padding sees itself): the mask the
+    fast path builds, computed here from the column mask instead of read. Columns after the chunk's last are never
+    read.
 
     Args:
         q (`torch.Tensor` of shape `(N, W, Hq, D)`): the chunk's queries (last dimension contiguous; a view into
             the fused projection's output); head h reads key/value head h // (Hq / Hkv).
         keys, values (`torch.Tensor` of shape `(B, Hkv, C, D)`): the layer's cache buffers.
         rows (`torch.LongTensor` of shape `(N,)`): each query row's cache row.
-        mask (`torch.Tensor` of shape `(N, 1, W, C)`): additive.
+        colmask (`torch.BoolTensor` of shape `(B, C)`): each cache row's valid columns (the chunk's included).
         cols (`torch.LongTensor` of shape `(W,)`): the chunk's columns, ascending.
     Returns:
         `torch.Tensor` of shape `(N, W, Hq * D)`, as the output projection takes it.
@@ -214,13 +216,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     N, W, Hq, D = q.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
-    assert q.stride(3) == 1 and keys.stride(3) == 1 and values.stride() == keys.stride() and mask.stride(3) == 1
+    assert q.stride(3) == 1 and keys.stride(3) == 1 and values.stride() == keys.stride() and colmask.stride(1) == 1
     out = q.new_empty(N, W, Hq, D)
     if N * W:
         _decode_attention[(N, Hkv)](
-            q, keys, values, rows, mask, cols, out, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
-            keys.stride(1), keys.stride(2), mask.stride(0), mask.stride(2), out.stride(0), out.stride(1),
-            out.stride(2), W, G, float(scale), D=D,
+            q, keys, values, rows, colmask.view(torch.uint8), cols, out, q.stride(0), q.stride(1), q.stride(2),
+            keys.stride(0), keys.stride(1), keys.stride(2), colmask.stride(0), out.stride(0), out.stride(1),
+            out.stride(2), W, G, float(scale), torch.finfo(q.dtype).min, D=D,
             M=max(16, triton.next_power_of_2(G * W)), BLOCK_C=64,
             PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",  # float32 in full
             UPCAST=INTERPRET and q.dtype != torch.float32,
@@ -722,11 +724,12 @@ if triton is not None:
             tl.store(dst + HALF + i, x2, mask=m)
 
     @triton.jit
-    def _decode_attention(Q, K, V, ROWS, MASK, COLS, OUT, sq_n, sq_w, sq_h, sk_row, sk_head, sk_col, sm_n, sm_w,
-                          so_n, so_w, so_h, W, G, scale, D: tl.constexpr, M: tl.constexpr, BLOCK_C: tl.constexpr,
+    def _decode_attention(Q, K, V, ROWS, CM, COLS, OUT, sq_n, sq_w, sq_h, sk_row, sk_head, sk_col, s_cm, so_n,
+                          so_w, so_h, W, G, scale, hide, D: tl.constexpr, M: tl.constexpr, BLOCK_C: tl.constexpr,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
         """One (query row, KV head) per program: its G query heads x W tokens as one tile of M rows (r = g W + w),
-        an online softmax over blocks of columns up to the chunk's last."""
+        an online softmax over blocks of columns up to the chunk's last; a query sees the valid columns of its cache
+        row (CM) up to its own, and its own."""
         n, h = tl.program_id(0), tl.program_id(1)
         r = tl.arange(0, M)
         g, w = r // W, r % W
@@ -736,7 +739,9 @@ if triton is not None:
                     other=0.0)  # fmt: skip
         if UPCAST:
             q = q.to(tl.float32)
-        kv = tl.load(ROWS + n) * sk_row + h * sk_head
+        row = tl.load(ROWS + n)
+        kv = row * sk_row + h * sk_head
+        own = tl.load(COLS + w)  # own: [M], each query's column
         bound = tl.load(COLS + W - 1) + 1  # columns read: [0, bound)
         top = tl.full([M], float("-inf"), tl.float32)  # running maximum per query
         total = tl.zeros([M], tl.float32)  # running sum of exponentials
@@ -748,9 +753,11 @@ if triton is not None:
             if UPCAST:  # the interpreter multiplies bfloat16 matrices wrongly: in float32 there
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            add = tl.load(MASK + n * sm_n + w[:, None] * sm_w + c[None, :], mask=live[:, None] & inside[None, :],
-                          other=0.0)  # fmt: skip
-            s = tl.where(inside[None, :], s * scale + add.to(tl.float32), float("-inf"))  # s: [M, BLOCK_C]
+            valid = tl.load(CM + row * s_cm + c, mask=inside, other=0) != 0  # valid: [BLOCK_C]
+            seen = (valid[None, :] & (c[None, :] <= own[:, None])) | (c[None, :] == own[:, None])
+            # unseen columns add `hide` (the dtype's lowest, finite: a block none of whose columns a query sees
+            # must not give it an all -inf row), as the additive mask the fast path builds does
+            s = tl.where(inside[None, :], s * scale + tl.where(seen, 0.0, hide), float("-inf"))  # s: [M, BLOCK_C]
             new_top = tl.maximum(top, tl.max(s, 1))
             p = tl.exp(s - new_top[:, None])
             shrink = tl.exp(top - new_top)

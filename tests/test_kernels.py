@@ -209,9 +209,9 @@ def check_gemv(device: str) -> None:
 
 
 def check_attention(device: str) -> None:
-    """`decode_attention` gives what SDPA over the gathered cache rows gives (grouped heads, one-token and wider
-    chunks, a column mask with holes, causal within the chunk), and never reads a column after the chunk's last:
-    those are NaN here."""
+    """`decode_attention` gives what SDPA over the gathered cache rows gives with the additive mask the fast path
+    builds (grouped heads, one-token and wider chunks, a column mask with holes and whole blocks a row's queries do
+    not see, causal within the chunk), and never reads a column after the chunk's last: those are NaN here."""
     from rsd_generation import kernels
     from rsd_generation.fused import grouped_attention
 
@@ -226,16 +226,17 @@ def check_attention(device: str) -> None:
             values = torch.randn(B, Hkv, C, D, device=device).to(dtype)
             rows = torch.tensor([3, 0], device=device)
             cols = torch.arange(start, start + W, device=device)
-            colmask = torch.rand(N, C, device=device) < 0.7  # colmask: [N, C], valid columns
+            colmask = torch.rand(B, C, device=device) < 0.7  # colmask: [B, C], each cache row's valid columns
+            colmask[3, :128] = False  # the first two 64-column blocks hold nothing row 3's queries see
             c = torch.arange(C, device=device)
-            allowed = (colmask[:, None, :] & (c <= cols[:, None])) | (c == cols[:, None])  # allowed: [N, W, C]
+            allowed = (colmask[rows, None, :] & (c <= cols[:, None])) | (c == cols[:, None])  # allowed: [N, W, C]
             mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
             mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # mask: [N, 1, W, C]
             want = grouped_attention(q.transpose(1, 2), keys[rows], values[rows], mask, D**-0.5)
             want = want.transpose(1, 2).reshape(N, W, Hq * D)
             assert kernels.attention_fits(q, keys) == (device == "cpu" or q.is_cuda)
             keys[:, :, start + W :], values[:, :, start + W :] = float("nan"), float("nan")  # never to be read
-            got = kernels.decode_attention(q, keys, values, rows, mask, cols, D**-0.5)
+            got = kernels.decode_attention(q, keys, values, rows, colmask, cols, D**-0.5)
             tol = 2e-5 if dtype == torch.float32 else 2e-2
             print(
                 dtype,
@@ -375,9 +376,9 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     rotary |= {n: "i32" for n in ("stride_tok", "stride_head", "stride_cos", "W", "HQ", "HKV", "stride_row",
                                   "stride_kvhead", "stride_col")}  # fmt: skip
     silu = {"GU": p, "OUT": p, "width": "i32", "stride_gu": "i32"}
-    attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "MASK": p, "COLS": "*i64", "OUT": p}
-    attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "sm_n", "sm_w", "so_n",
-                                     "so_w", "so_h", "W", "G")} | {"scale": "fp32"}  # fmt: skip
+    attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "CM": "*u8", "COLS": "*i64", "OUT": p}
+    attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "s_cm", "so_n", "so_w",
+                                     "so_h", "W", "G")} | {"scale": "fp32", "hide": "fp32"}  # fmt: skip
     gemv = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32",
             "eps": "fp32", "second": "i32", "C": p, "S": p, "KC": p, "VC": p, "KROWS": p, "KCOLS": p}  # fmt: skip
     gemv |= {n: "i32" for n in ("HQ", "HKV", "stride_krow", "stride_khead", "stride_kcol")}
