@@ -81,6 +81,7 @@ class StaticKV:
         self.cols: torch.Tensor | None = None  # cols: [L], the columns the running forward writes
         self.rows: torch.Tensor | None = None  # rows: [N], the buffer rows of a gathered forward (None: all B)
         self.colmask: torch.Tensor | None = None  # colmask: [B + 1, C], every buffer row's valid columns
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [C, D] by position (`rope_table`)
         self._all_rows: torch.Tensor | None = None  # arange(B) on the buffers' device
 
     @property
@@ -141,6 +142,20 @@ def _bucket(n: int) -> int:
     return next((b for b in BUCKETS if b >= n), n)
 
 
+def rope_table(backbone: nn.Module, capacity: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos and sin `(C, D)` of positions 0 to C - 1 as the model's rotary embedding gives them, so that a forward
+    looks its positions up (two gathers) instead of computing them (about eight operations); None where the
+    embedding depends on more than the position (dynamic or long-context scaling recomputes its frequencies)."""
+    rotary = getattr(backbone, "rotary_emb", None)
+    kind = getattr(rotary, "rope_type", None)
+    if rotary is None or not isinstance(kind, str) or "dynamic" in kind or kind == "longrope":
+        return None
+    like = backbone.get_input_embeddings().weight[:1, None]  # like: [1, 1, H], the dtype and device
+    with torch.no_grad():
+        cos, sin = rotary(like, torch.arange(capacity, device=like.device)[None])  # cos: [1, C, D]
+    return cos[0], sin[0]
+
+
 def _kv_shapes(config) -> list[tuple[int, int]]:
     """(KV heads, head dim) per layer."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -183,6 +198,7 @@ class StaticRowCache(RowCache):
         self.dtype = backbone.get_input_embeddings().weight.dtype
         devices = _layer_devices(backbone, config.num_hidden_layers)
         self.kv = StaticKV(_kv_shapes(config), batch_size, capacity, self.dtype, devices)
+        self.kv.rope = rope_table(backbone, capacity) if self.fused is not None else None
         self.requested = (graphs, compile_decode)  # what the caller asked for: a kept cache serves the same ask
         self.graphs = graphs and self.device.type == "cuda" and len(set(devices)) == 1
         if graphs and len(set(devices)) > 1:
@@ -395,6 +411,7 @@ class StaticRowCache(RowCache):
         """More columns: reallocate the buffers and drop the captured graphs (they point at the old ones)."""
         capacity = max(2 * self.kv.capacity, -(-needed // 256) * 256)
         self.kv.grow(capacity)
+        self.kv.rope = rope_table(self.backbone, capacity) if self.kv.rope is not None else None
         colmask = torch.zeros(self.batch_size + 1, capacity, dtype=torch.bool, device=self.device)
         colmask[:, : self.colmask.shape[1]] = self.colmask
         self.colmask = colmask

@@ -187,10 +187,12 @@ def fused_forward(
         cache: a static cache with `update(keys, values, layer_idx)` returning the layer's keys and values
             `(N, H_kv, C, D)`; with `destination(layer_idx)` and `read(layer_idx)` (`fast.StaticKV`), the
             kernels write the keys and values themselves, and with `colmask` (its rows' valid columns) the
-            decode-attention kernel reads them in place (no mask is built).
+            decode-attention kernel reads them in place (no mask is built); with `rope`, cos and sin `(C, D)` by
+            position, the forward looks its positions up.
     """
     x = backbone.embed_tokens(input_ids)  # x: [N, W, H]
-    cos, sin = backbone.rotary_emb(x, position_ids)  # cos: [N, W, D]
+    rope = getattr(cache, "rope", None)  # the rotary embedding by position, looked up (`fast.rope_table`)
+    cos, sin = (rope[0][position_ids], rope[1][position_ids]) if rope else backbone.rotary_emb(x, position_ids)
     N, W = input_ids.shape
     fast = kernels.usable(x)  # Triton kernels for the elementwise work (else eager operations)
     masks: dict[int, torch.Tensor] = {}  # per query-group size G: the mask of G grouped queries

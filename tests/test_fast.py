@@ -129,6 +129,26 @@ def test_which_chunks_replay_a_graph_and_which_run_eagerly_unpadded(tok):
     assert not decide(1, None, 1, False)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_the_rotary_table_gives_what_the_models_embedding_gives(tok, kind):
+    """A fused forward looks cos and sin up by position (`fast.rope_table`, sized to the cache and rebuilt when it
+    grows): the values the model's rotary embedding computes, exactly, at every position; none where the
+    embedding rescales with the length (dynamic scaling)."""
+    model = make_lm(kind, len(tok), seed=1)
+    cache = row_cache(model, f"rope-{kind}", 2, 0, "static", 40)
+    cos, sin = cache.kv.rope
+    pos, like = torch.tensor([[0, 7, 39], [3, 3, 12]]), model.model.embed_tokens.weight[None, :1]
+    want = model.model.rotary_emb(like, pos)
+    assert torch.equal(cos[pos], want[0]) and torch.equal(sin[pos], want[1])
+    cache._grow(100)
+    assert cache.kv.rope[0].shape[0] == cache.kv.capacity >= 100
+    pos = torch.tensor([[99]])
+    assert torch.equal(cache.kv.rope[0][pos], model.model.rotary_emb(like, pos)[0])
+    scaled = make_lm(kind, len(tok), seed=1, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                               "rope_theta": 10000.0})  # fmt: skip
+    assert fast.rope_table(scaled.model, 40) is None
+
+
 def test_static_caches_are_reused_across_calls_and_per_role(qwen_pair, prm, tok):
     target, draft = qwen_pair
     release_fast_caches()
