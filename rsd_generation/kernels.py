@@ -545,6 +545,15 @@ if triton is not None:
         return y.to(dt)
 
     @triton.jit
+    def _features(N, ROTARY: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A program's BLOCK_N output features i of N: the weight row n of each, and whether it is one. ROTARY: pair
+        i is row d = i % HALF of head i // HALF (heads of 2 HALF rows), read with its row d + HALF."""
+        i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROTARY:
+            return i, (i // HALF) * (2 * HALF) + i % HALF, i < N // 2
+        return i, i, i < N
+
+    @triton.jit
     def _gemv(X, Wt, B, G, R, OUT, N, K, stride_w, eps, second, C, S, KC, VC, KROWS, KCOLS, HQ, HKV, stride_krow,
               stride_khead, stride_kcol, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
               RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -555,13 +564,7 @@ if triton is not None:
         (`second` = N rows apart); RESIDUAL: OUT = R + the rounded result; ROTARY: Wt is a fused qkv of N rows in
         heads of 2 HALF, each program taking BLOCK_N pairs of a head's row d and its row d + HALF (`second` =
         HALF), the result stored as `_rotary_store` does."""
-        i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # i: [BLOCK_N]
-        if ROTARY:  # pair i: row d = i % HALF of head i // HALF, with its row d + HALF
-            n = (i // HALF) * (2 * HALF) + i % HALF
-            live = i < N // 2
-        else:
-            n = i
-            live = i < N
+        i, n, live = _features(N, ROTARY, HALF, BLOCK_N)  # i, n, live: [BLOCK_N]
         rows = live[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # GATED: the up half's; ROTARY: the rows d + HALF
@@ -637,13 +640,7 @@ if triton is not None:
         RESIDUAL and ROTARY as in `_gemv` (the normed input rounded to X's dtype for the products; ROTARY: tokens
         in rows of W, as `_rotary_store` takes them)."""
         dt = OUT.dtype.element_ty
-        i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # i: [BLOCK_N]
-        if ROTARY:  # pair i: row d = i % HALF of head i // HALF, with its row d + HALF
-            n = (i // HALF) * (2 * HALF) + i % HALF
-            features = i < N // 2
-        else:
-            n = i
-            features = i < N
+        i, n, features = _features(N, ROTARY, HALF, BLOCK_N)  # i, n, features: [BLOCK_N]
         m = tl.arange(0, ROWS)  # m: [ROWS]
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         acc_up = tl.zeros([ROWS, BLOCK_N], tl.float32)  # GATED: the up half's; ROTARY: the rows d + HALF
