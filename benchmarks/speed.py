@@ -215,20 +215,24 @@ def replay_seconds(graph, n: int) -> float:
 def device_time_by_shape(models: dict, fallback_ms: dict, n: int = 10) -> dict | None:
     """The cost model from the forwards the last run really made: per model role, each (rows, width, window) shape
     of forward its static cache ran, times the device time of one replay of that shape's graph (back to back, no
-    host work). Forwards that ran eagerly (wide chunks, long windows) count at `fallback_ms[role]` (a one-token
-    forward); None on the eager path (no static caches)."""
-    out: dict = {"seconds": 0.0, "forwards": {}, "eager_forwards": {}}
+    host work). Forwards that ran eagerly (wide chunks, long windows) count at the time they took in the run where
+    `fast.TIME_EAGER` timed them (`eager_seconds`), else at `fallback_ms[role]` (a one-token forward); None on the
+    eager path (no static caches)."""
+    out: dict = {"seconds": 0.0, "forwards": {}, "eager_forwards": {}, "eager_seconds": {}}
     for role, model in models.items():
         cache = fast.kept_cache(model, role)
         if cache is None:
             return None
+        timed = cache.eager_seconds()
         out["forwards"][role] = sum(cache.shapes.values())
-        out["eager_forwards"][role] = 0
+        out["eager_forwards"][role], out["eager_seconds"][role] = 0, 0.0
         for (rows, width, window, eager), count in cache.shapes.items():
             graph = None if eager else cache.captured_graph(width, rows, window)
             if graph is None:
+                seconds = timed.get((rows, width, window), count * fallback_ms[role] / 1e3)
                 out["eager_forwards"][role] += count
-                out["seconds"] += count * fallback_ms[role] / 1e3
+                out["eager_seconds"][role] += seconds
+                out["seconds"] += seconds
                 continue
             out["seconds"] += count * replay_seconds(graph, n)
     return out
@@ -611,6 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = parser()
     args = ap.parse_args(argv)
     fast.FUSE = not args.no_fuse
+    fast.TIME_EAGER = True  # the cost model charges eager forwards what they took (two events each)
     kernels.ENABLED = not args.no_kernels
     kernels.ATTENTION = not args.no_attention_kernel
     if args.variants is None:  # the flags' choice

@@ -61,6 +61,7 @@ MODES = ("auto", "off", "static", "graphs", "compile")
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a plain head: the graph's assumptions
 COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile keywords for the one-token forward ("compile" mode)
 FUSE = True  # fused QKV and gate/up projections where a model allows them (see `fused`); False: the model's forward
+TIME_EAGER = False  # time each forward that runs eagerly (`StaticRowCache.eager_seconds`; benchmarks set it)
 
 
 class StaticKV:
@@ -140,6 +141,34 @@ class StaticKV:
 def _bucket(n: int) -> int:
     """The captured chunk width that holds `n` tokens: the next of `BUCKETS`, or `n`."""
     return next((b for b in BUCKETS if b >= n), n)
+
+
+class _Timing:
+    """The time of the work queued between its creation and `stop()`: CUDA events on a GPU (read later, without
+    waiting for the device in between), the host's clock on the CPU (where work runs as it is queued)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+
+    def stop(self) -> _Timing:
+        """Mark the end."""
+        if self.cuda:
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+        return self
+
+    def seconds(self) -> float:
+        """The seconds between the two marks (on a GPU, once the device has reached the end)."""
+        if self.cuda:
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end) / 1e3
+        return self.end - self.start
 
 
 def rope_table(backbone: nn.Module, capacity: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -248,6 +277,7 @@ class StaticRowCache(RowCache):
         self.forward_calls = 0
         # forwards run since the reset, by (gathered rows or None, width, output window or None, run eagerly)
         self.shapes: Counter = Counter()
+        self._eager_timings: dict[tuple, list] = {}  # with TIME_EAGER: per eager shape, its forwards' timings
 
     # -- RowCache's contract --------------------------------------------------------------------------------------
     @property
@@ -400,6 +430,12 @@ class StaticRowCache(RowCache):
         """Valid positions processed, all rows."""
         return int(self._slot_tokens.sum()) + sum(self._left.values())
 
+    def eager_seconds(self) -> dict[tuple, float]:
+        """With `TIME_EAGER` on: the seconds the eager forwards since the reset took, per (gathered rows or None,
+        width, output window) (on a GPU the device's time from the forward's first launch to its last kernel's
+        end, host-bound launch gaps included: what such a forward costs where the host does nothing else)."""
+        return {key: sum(t.seconds() for t in timings) for key, timings in self._eager_timings.items()}
+
     def captured_graph(self, width: int, rows: int | None = None, window: int | None = None):
         """The CUDA graph captured for chunks of `width` tokens over all rows (or `rows` gathered ones), with one
         output per row (or `window` of them), if any (for timing its replay alone)."""
@@ -467,7 +503,13 @@ class StaticRowCache(RowCache):
         eager = not graphed
         self.shapes[(*key, eager)] += 1
         if eager:
-            return self._body(ids, pos, torch.arange(start, start + width, device=self.device), last, slots)
+            cols = torch.arange(start, start + width, device=self.device)
+            if not TIME_EAGER:
+                return self._body(ids, pos, cols, last, slots)
+            timing = _Timing(self.device)
+            out = self._body(ids, pos, cols, last, slots)
+            self._eager_timings.setdefault(key, []).append(timing.stop())
+            return out
         if key not in self._captured:
             return self._capture(ids, pos, start, last, slots, key)
         graph, buf, out = self._captured[key]

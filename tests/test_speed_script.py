@@ -36,6 +36,10 @@ def test_speed_script_writes_its_results(tmp_path):
         assert r["predicted_seconds_with_chunks"] == pytest.approx(r["predicted_seconds"] + extra)
         shapes = r["device_time_by_shape"]  # the forwards by shape add up to the forwards the run made
         assert shapes["forwards"] == r["forward_calls"] and shapes["eager_forwards"] == r["forward_calls"]  # CPU
+        # each eager forward (here all of them) timed in the run: part of the run's time, none left uncharged
+        assert all(shapes["eager_seconds"][role] > 0 for role in ("draft", "target", "reward"))
+        assert shapes["seconds"] == pytest.approx(sum(shapes["eager_seconds"].values()))
+        assert shapes["seconds"] < r["seconds"]
     assert row["best_target_only"] in ("target_alone_static", "target_generate_eager")
     static = row["modes"]["static"]
     assert all(v >= 0 for v in static["ms_per_prefill_position"].values())
