@@ -409,14 +409,16 @@ def measure_mode(B: int, mode: str, draft, target, prm, tok, prompts, args, row:
     return row
 
 
-KERNEL_FLAGS = ("ENABLED", "ATTENTION", "GEMV", "GEMV_FUSION", "SKINNY")  # the `kernels` switches a variant sets
+# the `kernels` switches a variant sets
+KERNEL_FLAGS = ("ENABLED", "ATTENTION", "ATTENTION_SPLIT", "GEMV", "GEMV_FUSION", "SKINNY")
 VARIANTS = {  # each variant's values of KERNEL_FLAGS
-    "kernels": (True, True, True, True, False),
-    "skinny": (True, True, True, True, True),
-    "no-fusion": (True, True, True, False, False),
-    "no-gemv": (True, True, False, False, False),
-    "no-attention": (True, False, True, True, False),
-    "no-kernels": (False, False, False, False, False),
+    "kernels": (True, True, True, True, True, False),
+    "skinny": (True, True, True, True, True, True),
+    "no-split": (True, True, False, True, True, False),
+    "no-fusion": (True, True, True, True, False, False),
+    "no-gemv": (True, True, True, False, False, False),
+    "no-attention": (True, False, False, True, True, False),
+    "no-kernels": (False, False, False, False, False, False),
 }
 
 
@@ -552,8 +554,9 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="kernel variants measured side by side on each path (rows named PATH+VARIANT): kernels (the default "
         "ones), skinny (also projections of 2 to 64 tokens by the GEMV's tensor-core form, where measured faster), "
-        "no-fusion (the one-token GEMV without the norms, SiLU product and residual adds inside), no-gemv (cuBLAS "
-        "for every projection), no-attention (SDPA instead of the decode-attention kernel), "
+        "no-split (decode attention in one run of columns per program, never split), no-fusion (the one-token "
+        "GEMV without the norms, SiLU product, residual adds and rotary inside), no-gemv (cuBLAS for every "
+        "projection), no-attention (SDPA instead of the decode-attention kernel), "
         "no-kernels (eager operations)",
     )
     ap.add_argument("--no-generate", action="store_true", help="skip stock target.generate (slow at large batches)")

@@ -63,6 +63,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on CPU tens
 ENABLED = True  # set False to keep the eager operations (benchmarks compare both)
 ATTENTION = True  # decode attention by `decode_attention` (where `ENABLED` and it fits)
 MAX_ATTENTION_QUERIES = 64  # query heads per KV head times chunk width that `decode_attention` takes in one tile
+# `decode_attention` over a long cache and few (rows x KV heads) programs splits the columns into runs, one program
+# each, and combines them in a second kernel (flash-decoding): at batch 1 a 1.5B's two programs leave most SMs idle
+ATTENTION_SPLIT = True
+MAX_ATTENTION_SPLITS = 16
+MIN_SPLIT_COLUMNS = 512  # (a run over fewer columns than a cache of ~700 holds gains less than the second kernel)
 GEMV = True  # one-token projections by `gemv` where it measured faster than cuBLAS (see `linear`)
 # (BLOCK_N weight rows, BLOCK_K columns per load, warps, pipeline stages) tried per weight shape
 # (the best of a 72-configuration sweep for some Qwen2.5-Math 1.5B or 7B projection on an H100)
@@ -218,16 +223,35 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     G = Hq // Hkv
     assert q.stride(3) == 1 and keys.stride(3) == 1 and values.stride() == keys.stride() and colmask.stride(1) == 1
     out = q.new_empty(N, W, Hq, D)
+    M = max(16, triton.next_power_of_2(G * W))  # the tile's query rows
+    S = attention_splits(N, Hkv, keys.shape[2])
+    part = stat = out  # SPLIT: each run's sums, maxima and sums of exponentials
+    if S > 1:
+        part = torch.empty(N * Hkv * S * M, D, device=q.device, dtype=torch.float32)
+        stat = torch.empty(N * Hkv * S * M, 2, device=q.device, dtype=torch.float32)
     if N * W:
-        _decode_attention[(N, Hkv)](
-            q, keys, values, rows, colmask.view(torch.uint8), cols, out, q.stride(0), q.stride(1), q.stride(2),
-            keys.stride(0), keys.stride(1), keys.stride(2), colmask.stride(0), out.stride(0), out.stride(1),
-            out.stride(2), W, G, float(scale), torch.finfo(q.dtype).min, D=D,
-            M=max(16, triton.next_power_of_2(G * W)), BLOCK_C=64,
-            PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",  # float32 in full
+        _decode_attention[(N, Hkv, S)](
+            q, keys, values, rows, colmask.view(torch.uint8), cols, out, part, stat, q.stride(0), q.stride(1),
+            q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), colmask.stride(0), out.stride(0),
+            out.stride(1), out.stride(2), W, G, float(scale), torch.finfo(q.dtype).min, D=D, M=M, BLOCK_C=64,
+            SPLIT=S > 1, PRECISION="ieee" if q.dtype == torch.float32 or INTERPRET else "tf32",  # float32 in full
             UPCAST=INTERPRET and q.dtype != torch.float32,
         )  # fmt: skip
+        if S > 1:
+            _attention_combine[(N, Hkv)](
+                part, stat, out, out.stride(0), out.stride(1), out.stride(2), W, G, S, D=D, M=M
+            )  # fmt: skip
     return out.view(N, W, Hq * D)
+
+
+def attention_splits(rows: int, kv_heads: int, capacity: int) -> int:
+    """Runs of columns `decode_attention` splits a cache of `capacity` columns into for `rows` x `kv_heads`
+    programs: enough programs to fill the GPU's SMs (about 128), each run at least `MIN_SPLIT_COLUMNS` columns, at
+    most `MAX_ATTENTION_SPLITS`; 1 (no split, no combining kernel) where the rows and heads fill it already or the
+    cache is short."""
+    if not ATTENTION_SPLIT:
+        return 1
+    return max(1, min(MAX_ATTENTION_SPLITS, capacity // MIN_SPLIT_COLUMNS, 128 // max(1, rows * kv_heads)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -721,12 +745,15 @@ if triton is not None:
             tl.store(dst + HALF + i, x2, mask=m)
 
     @triton.jit
-    def _decode_attention(Q, K, V, ROWS, CM, COLS, OUT, sq_n, sq_w, sq_h, sk_row, sk_head, sk_col, s_cm, so_n,
-                          so_w, so_h, W, G, scale, hide, D: tl.constexpr, M: tl.constexpr, BLOCK_C: tl.constexpr,
-                          PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    def _decode_attention(Q, K, V, ROWS, CM, COLS, OUT, PART, STAT, sq_n, sq_w, sq_h, sk_row, sk_head, sk_col,
+                          s_cm, so_n, so_w, so_h, W, G, scale, hide, D: tl.constexpr, M: tl.constexpr,
+                          BLOCK_C: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                          UPCAST: tl.constexpr):  # fmt: skip
         """One (query row, KV head) per program: its G query heads x W tokens as one tile of M rows (r = g W + w),
         an online softmax over blocks of columns up to the chunk's last; a query sees the valid columns of its cache
-        row (CM) up to its own, and its own."""
+        row (CM) up to its own, and its own. SPLIT: program s of the third grid dimension takes the s-th of as many
+        equal runs of whole blocks and leaves its unnormalised sums in PART `[.., M, D]` and its running maximum and
+        sum of exponentials in STAT `[.., M, 2]` (float32), for `_attention_combine`."""
         n, h = tl.program_id(0), tl.program_id(1)
         r = tl.arange(0, M)
         g, w = r // W, r % W
@@ -740,12 +767,18 @@ if triton is not None:
         kv = row * sk_row + h * sk_head
         own = tl.load(COLS + w)  # own: [M], each query's column
         bound = tl.load(COLS + W - 1) + 1  # columns read: [0, bound)
+        if SPLIT:  # this program's run of blocks: [lo, hi)
+            per = tl.cdiv(tl.cdiv(bound, BLOCK_C), tl.num_programs(2)) * BLOCK_C
+            lo = tl.program_id(2) * per
+            hi = tl.minimum(lo + per, bound)
+        else:
+            lo, hi = 0, bound
         top = tl.full([M], float("-inf"), tl.float32)  # running maximum per query
         total = tl.zeros([M], tl.float32)  # running sum of exponentials
         acc = tl.zeros([M, D], tl.float32)
-        for start in range(0, bound, BLOCK_C):
+        for start in range(lo, hi, BLOCK_C):
             c = start + tl.arange(0, BLOCK_C)
-            inside = c < bound
+            inside = c < hi
             k = tl.load(K + kv + c[:, None] * sk_col + d[None, :], mask=inside[:, None], other=0.0)  # k: [BLOCK_C, D]
             if UPCAST:  # the interpreter multiplies bfloat16 matrices wrongly: in float32 there
                 k = k.to(tl.float32)
@@ -764,6 +797,35 @@ if triton is not None:
                 v = v.to(tl.float32)
             acc = acc * shrink[:, None] + tl.dot(p.to(V.dtype.element_ty).to(v.dtype), v, input_precision=PRECISION)
             top = new_top
+        if SPLIT:
+            at = ((n * tl.num_programs(1) + h) * tl.num_programs(2) + tl.program_id(2)) * M + r  # at: [M]
+            tl.store(PART + at[:, None] * D + d[None, :], acc)
+            tl.store(STAT + at * 2, top)
+            tl.store(STAT + at * 2 + 1, total)
+        else:
+            o = acc / total[:, None]
+            dst = OUT + n * so_n + w[:, None] * so_w + (h * G + g)[:, None] * so_h + d[None, :]
+            tl.store(dst, o.to(OUT.dtype.element_ty), mask=live[:, None])
+
+    @triton.jit
+    def _attention_combine(PART, STAT, OUT, so_n, so_w, so_h, W, G, S, D: tl.constexpr, M: tl.constexpr):
+        """One (query row, KV head) per program: the S runs' sums of `_decode_attention` (SPLIT) rescaled to their
+        common maximum and normalised, as one online softmax over all the columns would give them."""
+        n, h = tl.program_id(0), tl.program_id(1)
+        r = tl.arange(0, M)
+        g, w = r // W, r % W
+        d = tl.arange(0, D)
+        first = (n * tl.num_programs(1) + h) * S * M + r  # first: [M], each query's entry of run 0
+        top = tl.full([M], float("-inf"), tl.float32)
+        for s in range(0, S):
+            top = tl.maximum(top, tl.load(STAT + (first + s * M) * 2))
+        total = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+        for s in range(0, S):
+            at = first + s * M
+            f = tl.exp(tl.load(STAT + at * 2) - top)  # a run without columns: its maximum -inf, f 0
+            total += f * tl.load(STAT + at * 2 + 1)
+            acc += f[:, None] * tl.load(PART + at[:, None] * D + d[None, :])
         o = acc / total[:, None]
         dst = OUT + n * so_n + w[:, None] * so_w + (h * G + g)[:, None] * so_h + d[None, :]
-        tl.store(dst, o.to(OUT.dtype.element_ty), mask=live[:, None])
+        tl.store(dst, o.to(OUT.dtype.element_ty), mask=(r < G * W)[:, None])

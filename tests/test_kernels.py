@@ -236,16 +236,17 @@ def check_attention(device: str) -> None:
             want = want.transpose(1, 2).reshape(N, W, Hq * D)
             assert kernels.attention_fits(q, keys) == (device == "cpu" or q.is_cuda)
             keys[:, :, start + W :], values[:, :, start + W :] = float("nan"), float("nan")  # never to be read
-            got = kernels.decode_attention(q, keys, values, rows, colmask, cols, D**-0.5)
             tol = 2e-5 if dtype == torch.float32 else 2e-2
-            print(
-                dtype,
-                W,
-                (got.float() - want.float()).abs().max().item(),
-                got.isnan().any().item(),
-                want.abs().max().item(),
-            )
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{dtype} W={W} Hq={Hq} Hkv={Hkv} D={D}")
+            # whole, and split into 2 and 4 runs of columns combined by a second kernel (3 blocks of columns: the
+            # last of 4 runs has none)
+            for least, runs in ((512, 1), (64, 2), (32, 4)):
+                kernels.MIN_SPLIT_COLUMNS = least
+                assert kernels.attention_splits(N, Hkv, C) == runs
+                got = kernels.decode_attention(q, keys, values, rows, colmask, cols, D**-0.5)
+                what = f"{dtype} W={W} Hq={Hq} Hkv={Hkv} D={D} runs={runs}"
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=what)
+            kernels.MIN_SPLIT_COLUMNS = 512
+    assert kernels.attention_splits(1, 2, 4096) == 8 and kernels.attention_splits(64, 2, 4096) == 1
 
 
 def check_forward(device: str) -> None:
@@ -376,9 +377,11 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     rotary |= {n: "i32" for n in ("stride_tok", "stride_head", "stride_cos", "W", "HQ", "HKV", "stride_row",
                                   "stride_kvhead", "stride_col")}  # fmt: skip
     silu = {"GU": p, "OUT": p, "width": "i32", "stride_gu": "i32"}
-    attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "CM": "*u8", "COLS": "*i64", "OUT": p}
+    attention = {"Q": p, "K": p, "V": p, "ROWS": "*i64", "CM": "*u8", "COLS": "*i64", "OUT": p, "PART": p, "STAT": p}
     attention |= {n: "i32" for n in ("sq_n", "sq_w", "sq_h", "sk_row", "sk_head", "sk_col", "s_cm", "so_n", "so_w",
                                      "so_h", "W", "G")} | {"scale": "fp32", "hide": "fp32"}  # fmt: skip
+    split = attention | {"PART": "*fp32", "STAT": "*fp32"}  # runs of columns, combined by `_attention_combine`
+    combine = {"PART": "*fp32", "STAT": "*fp32", "OUT": p} | {n: "i32" for n in ("so_n", "so_w", "so_h", "W", "G", "S")}
     gemv = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32",
             "eps": "fp32", "second": "i32", "C": p, "S": p, "KC": p, "VC": p, "KROWS": p, "KCOLS": p}  # fmt: skip
     gemv |= {n: "i32" for n in ("HQ", "HKV", "stride_krow", "stride_khead", "stride_kcol")}
@@ -410,9 +413,11 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
         + [(skinny, skinny_rest | {"ROWS": 16} | fusion | no_rope | skinny_blocks[0]) for fusion in fusions]
         + [(skinny_rotary, skinny_rest | {"ROWS": 16} | fusions[0] | {"ROTARY": True, "HALF": 64} | skinny_blocks[0])],
         "_decode_attention": [
-            (attention, {"D": d, "M": m, "BLOCK_C": 64, "PRECISION": precision, "UPCAST": False})
+            (args, {"D": d, "M": m, "BLOCK_C": 64, "SPLIT": args is split, "PRECISION": precision, "UPCAST": False})
             for d, m in ((64, 16), (128, 64))
+            for args in (attention, split)
         ],
+        "_attention_combine": [(combine, {"D": d, "M": m}) for d, m in ((64, 16), (128, 64))],
     }
 
 
@@ -505,7 +510,8 @@ def test_kernels_on_the_gpu(check):
     from rsd_generation import kernels
 
     saved = {name: getattr(kernels, name) for name in ("ENABLED", "ATTENTION", "decode_attention", "gemv",
-                                                       "gemv_choice", "fusion_pays", "SKINNY")}  # fmt: skip
+                                                       "gemv_choice", "fusion_pays", "SKINNY",
+                                                       "MIN_SPLIT_COLUMNS")}  # fmt: skip
     try:
         globals()[f"check_{check}"]("cuda")
     finally:  # the checks switch kernels on and off, and count calls: later tests get the module as it was
