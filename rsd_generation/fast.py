@@ -62,6 +62,7 @@ FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3")  # standard causal attention, a p
 COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile keywords for the one-token forward ("compile" mode)
 FUSE = True  # fused QKV and gate/up projections where a model allows them (see `fused`); False: the model's forward
 TIME_EAGER = False  # time each forward that runs eagerly (`StaticRowCache.eager_seconds`; benchmarks set it)
+ROPE_TABLE = True  # fused forwards look cos and sin up by position (`rope_table`); False: the model's embedding
 
 
 class StaticKV:
@@ -174,10 +175,11 @@ class _Timing:
 def rope_table(backbone: nn.Module, capacity: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """cos and sin `(C, D)` of positions 0 to C - 1 as the model's rotary embedding gives them, so that a forward
     looks its positions up (two gathers) instead of computing them (about eight operations); None where the
-    embedding depends on more than the position (dynamic or long-context scaling recomputes its frequencies)."""
+    embedding depends on more than the position (dynamic or long-context scaling recomputes its frequencies), or
+    with `ROPE_TABLE` off."""
     rotary = getattr(backbone, "rotary_emb", None)
     kind = getattr(rotary, "rope_type", None)
-    if rotary is None or not isinstance(kind, str) or "dynamic" in kind or kind == "longrope":
+    if not ROPE_TABLE or rotary is None or not isinstance(kind, str) or "dynamic" in kind or kind == "longrope":
         return None
     like = backbone.get_input_embeddings().weight[:1, None]  # like: [1, 1, H], the dtype and device
     with torch.no_grad():

@@ -147,6 +147,11 @@ def test_the_rotary_table_gives_what_the_models_embedding_gives(tok, kind):
     scaled = make_lm(kind, len(tok), seed=1, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                "rope_theta": 10000.0})  # fmt: skip
     assert fast.rope_table(scaled.model, 40) is None
+    fast.ROPE_TABLE = False
+    try:
+        assert fast.rope_table(model.model, 40) is None
+    finally:
+        fast.ROPE_TABLE = True
 
 
 def test_static_caches_are_reused_across_calls_and_per_role(qwen_pair, prm, tok):
