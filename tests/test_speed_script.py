@@ -303,3 +303,22 @@ def test_projection_sweeps_keep_each_row_as_it_comes(tmp_path, capsys):
     assert row == {"model": "7b", "projection": "o", "tokens": 16, "in": 3584, "out": 3584,
                    "floor_us": pytest.approx(3584 * 3584 * 2 / 4e12 * 1e6)}  # fmt: skip
     assert "'tokens': 16" in capsys.readouterr().out
+
+
+def test_a_decoded_token_launches_no_more_kernels_than_counted(tmp_path):
+    """`benchmarks.launch_count` (in a process with Triton's interpreter) counts a one-token forward's launches: five
+    kernels per layer with the GEMV and its fusions (qkv with the norm and rotary embedding inside, attention, o
+    with the residual add, gate/up with the norm and SiLU product, down with the residual add), and no more in all
+    than the 173 counted on 2026-12-08 (225 at that day's start; benchmarks/results/launch-count-interpreter*.json)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "launches.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "rsd_generation.benchmarks.launch_count", "--tokens", "8", "--output", str(out)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = json.loads(out.read_text())
+    assert counts["per_layer"] == {"inside triton": 5, "inside aten": 0, "outside aten": 0, "outside triton": 0}
+    assert counts["per_token_28_layers"]["total"] <= 174
