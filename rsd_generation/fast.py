@@ -332,18 +332,21 @@ class StaticRowCache(RowCache):
             ok = torch.zeros(B, width, dtype=torch.bool, device=dev)  # ok: [B, W]
             x[self.slots, :L] = torch.where(valid, ids, self.pad_token_id)
             ok[self.slots, :L] = valid
-        n = ok.sum(1)  # n: [N] (or [B])
+        one = width == 1 and window is None  # a token a row (a decode step): its output at column 0
+        n = ok[:, 0] if one else ok.sum(1)  # n: [N] (or [B]), tokens per row (one token: a bool)
         seen = (self.colmask[:B] if slots is None else self.colmask[slots]).sum(1)  # valid columns before the chunk
-        pos = chunk_positions(seen, n, width)  # pos: [N, W]
+        # pos: [N, W]; one token: at its row's count (a padded row's, masked, is never read)
+        pos = seen[:, None] if one else chunk_positions(seen, n, width)
         if slots is None:
             self.colmask[:B, self.cursor : self.cursor + width] = ok
             self._slot_tokens += n
         else:
             self.colmask[slots, self.cursor : self.cursor + width] = ok
             self.colmask[B] = False  # the spare row never holds context
-            self._slot_tokens.index_add_(0, slots[: len(sel)], n[: len(sel)])
+            self._slot_tokens.index_add_(0, slots[: len(sel)], n[: len(sel)].long())
         wide = _bucket(window) if graphed and window is not None else window
-        out = self._run(x, pos, self.cursor, last_positions(n, wide), slots, graphed).to(dev)  # out: [N, (wide,) X]
+        last = None if one else last_positions(n, wide)  # None: column 0
+        out = self._run(x, pos, self.cursor, last, slots, graphed).to(dev)  # out: [N, (wide,) X]
         if window is not None:
             out = out[:, wide - window :]  # out: [N, window, X], the last `window` positions
         self.cursor += L
@@ -460,7 +463,7 @@ class StaticRowCache(RowCache):
     def _body(self, ids: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor, last: torch.Tensor,
               slots: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """One forward of a `(N, W)` chunk written at columns `cols` `(W,)` of the buffer rows `slots` `(N,)` (None:
-        all B rows): the output at `last` (`(N,)` or `(N, K)`)."""
+        all B rows): the output at `last` (`(N,)` or `(N, K)`; None: column 0)."""
         self.kv.cols, self.kv.rows, self.kv.colmask = cols, slots, self.colmask
         mask = functools.partial(self._mask, cols, slots)  # built only where an attention reads it
         if self.fused is not None:  # the decode-attention kernel reads the column mask itself
@@ -469,7 +472,7 @@ class StaticRowCache(RowCache):
             kw = {self.cache_kwarg: self.kv}
             hidden = self.backbone(input_ids=ids, attention_mask=mask(), position_ids=pos, use_cache=True, **kw)
             hidden = hidden.last_hidden_state  # hidden: [N, W, H]
-        return self.head(pick_rows(hidden, last))
+        return self.head(hidden[:, 0] if last is None else pick_rows(hidden, last))
 
     def _mask(self, cols: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
         """The additive attention mask `(N, 1, W, C)` of a chunk at columns `cols` `(W,)` of the buffer rows `slots`
@@ -495,13 +498,13 @@ class StaticRowCache(RowCache):
             and (width <= MAX_GATHERED_GRAPH_WIDTH or (not gathered and rows * width <= MAX_GRAPH_POSITIONS))
         )
 
-    def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor,
+    def _run(self, ids: torch.Tensor, pos: torch.Tensor, start: int, last: torch.Tensor | None,
              slots: torch.Tensor | None, graphed: bool) -> torch.Tensor:  # fmt: skip
         """Run a chunk (over the buffer rows `slots`, or all): replay (capturing on first use) where `graphed`, else
         eagerly."""
         width = ids.shape[1]
         # captured per (gathered row count, width, output window)
-        key = (None if slots is None else len(slots), width, last.shape[1] if last.dim() == 2 else None)
+        key = (None if slots is None else len(slots), width, None if last is None or last.dim() == 1 else last.shape[1])
         eager = not graphed
         self.shapes[(*key, eager)] += 1
         if eager:
@@ -518,7 +521,8 @@ class StaticRowCache(RowCache):
         buf["ids"].copy_(ids)
         buf["pos"].copy_(pos)
         torch.add(buf["steps"], start, out=buf["cols"])  # one kernel
-        buf["last"].copy_(last)
+        if last is not None:
+            buf["last"].copy_(last)
         if slots is not None:
             buf["slots"].copy_(slots)
         graph.replay()
@@ -530,10 +534,10 @@ class StaticRowCache(RowCache):
         t0 = time.perf_counter()
         width = ids.shape[1]
         steps = torch.arange(width, device=self.device)
-        buf = {"ids": ids.clone(), "pos": pos.clone(), "cols": steps + start, "last": last.clone(), "steps": steps,
-               "slots": None if slots is None else slots.clone()}  # fmt: skip
+        buf = {"ids": ids.clone(), "pos": pos.clone(), "cols": steps + start, "steps": steps,
+               **{k: None if t is None else t.clone() for k, t in (("last", last), ("slots", slots))}}  # fmt: skip
         fn = self._body
-        if width == 1 and last.dim() == 1 and slots is None and self.compile_decode:
+        if width == 1 and last is None and slots is None and self.compile_decode:
             if self._compiled is None:
                 self._compiled = torch.compile(self._body, **COMPILE_OPTIONS)
             fn = self._compiled
