@@ -171,13 +171,18 @@ class StepSeparator:
         t = tok.clamp(0, next_state.shape[1] - 1)
         return next_state[state, t], ends[state, t]
 
+    def advance_host(self, state: int, tok: int) -> tuple[int, bool]:
+        """`advance` for one row on the host: the state after `tok`, and whether `tok` ended the step."""
+        next_state, ends = self._host
+        t = min(max(tok, 0), len(next_state[0]) - 1)
+        return next_state[state][t], bool(ends[state][t])
+
     def ended(self, step: Sequence[int]) -> bool:
         """Whether the step's last token (of a step not ended before it) ends it, on the host."""
-        next_state, ends = self._host
-        last, state = len(next_state[0]) - 1, 0
+        state = 0
         for t in step[:-1]:
-            state = next_state[state][min(max(t, 0), last)]
-        return bool(step) and ends[state][min(max(step[-1], 0), last)]
+            state, _ = self.advance_host(state, t)
+        return bool(step) and self.advance_host(state, step[-1])[1]
 
 
 class HostFlag:
@@ -512,6 +517,7 @@ def speculative_step(
     limit = [min(rules.max_step_tokens, int(b)) for b in budget.tolist()]  # tokens each row's step may have
     alive = rows.tolist()
     step: list[list[int]] = [[] for _ in range(R)]
+    where = [0] * R  # each row's separator state after its step so far (one lookup a token, not a rescan)
     prop = [list(p[: limit[j]]) if alive[j] else [] for j, p in enumerate(proposals)]
     q: list[torch.Tensor] = []  # the draft's distributions of the proposal (sampling; none for a given proposal)
     assert not (s.do_sample and any(prop)), "under sampling proposals must be fresh draft samples"
@@ -551,11 +557,10 @@ def speculative_step(
             for k, tok in enumerate(picks[j]):
                 new.append(tok)
                 step[j].append(tok)
-                if (
-                    tok in eos
-                    or len(step[j]) >= limit[j]
-                    or (rules.separator is not None and rules.separator.ended(step[j]))
-                ):
+                hit = False
+                if rules.separator is not None:
+                    where[j], hit = rules.separator.advance_host(where[j], tok)
+                if hit or tok in eos or len(step[j]) >= limit[j]:
                     alive[j] = False
                     break
                 if k == len(prop[j]) or tok != prop[j][k]:
