@@ -335,8 +335,7 @@ class StaticRowCache(RowCache):
         one = width == 1 and window is None  # a token a row (a decode step): its output at column 0
         n = ok[:, 0] if one else ok.sum(1)  # n: [N] (or [B]), tokens per row (one token: a bool)
         seen = (self.colmask[:B] if slots is None else self.colmask[slots]).sum(1)  # valid columns before the chunk
-        # pos: [N, W]; one token: at its row's count (a padded row's, masked, is never read)
-        pos = seen[:, None] if one else chunk_positions(seen, n, width)
+        pos = chunk_positions(seen, n, width)  # pos: [N, W]
         if slots is None:
             self.colmask[:B, self.cursor : self.cursor + width] = ok
             self._slot_tokens += n
@@ -505,15 +504,12 @@ class StaticRowCache(RowCache):
         width = ids.shape[1]
         # captured per (gathered row count, width, output window)
         key = (None if slots is None else len(slots), width, None if last is None or last.dim() == 1 else last.shape[1])
-        eager = not graphed
-        self.shapes[(*key, eager)] += 1
-        if eager:
-            cols = torch.arange(start, start + width, device=self.device)
-            if not TIME_EAGER:
-                return self._body(ids, pos, cols, last, slots)
-            timing = _Timing(self.device)
-            out = self._body(ids, pos, cols, last, slots)
-            self._eager_timings.setdefault(key, []).append(timing.stop())
+        self.shapes[(*key, not graphed)] += 1
+        if not graphed:
+            timing = _Timing(self.device) if TIME_EAGER else None
+            out = self._body(ids, pos, torch.arange(start, start + width, device=self.device), last, slots)
+            if timing is not None:
+                self._eager_timings.setdefault(key, []).append(timing.stop())
             return out
         if key not in self._captured:
             return self._capture(ids, pos, start, last, slots, key)

@@ -14,9 +14,10 @@ in fewer kernels where nothing compiles them: each residual add goes with the no
 rotates the queries and keys at once in place in the fused projection's output, and on CUDA those and the SiLU
 product run as one Triton kernel each (`kernels`), as do one-token projections whose shape measured faster
 in a Triton GEMV than in cuBLAS (`kernels.linear`). Such a GEMV takes the elementwise work around it too where
-that measured faster: the RMS norm before the qkv and gate/up products, the SiLU product after gate/up, and the
-residual add after the output and down products, so a decoder layer at batch 1 runs as few as six kernels
-(`norm_project`, `add_project`; with `kernels.SKINNY`, at up to 64 tokens too).
+that measured faster: the RMS norm before the qkv and gate/up products, the rotary embedding and the cache writes
+after qkv, the SiLU product after gate/up, and the residual add after the output and down products, so a decoder
+layer at batch 1 runs as few as five kernels (`norm_project`, `add_project`; with `kernels.SKINNY`, at up to 64
+tokens too).
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ def fused_forward(
     N, W = input_ids.shape
     fast = kernels.usable(x)  # Triton kernels for the elementwise work (else eager operations)
     masks: dict[int, torch.Tensor] = {}  # per query-group size G: the mask of G grouped queries
+    colmask = getattr(cache, "colmask", None)  # its rows' valid columns, for the attention kernel to read in place
     delta = None  # what the last sublayer adds to the residual stream x, added by the next norm
     for i, (layer, f) in enumerate(zip(backbone.layers, layers, strict=True)):
         attn = layer.self_attn
@@ -208,7 +210,6 @@ def fused_forward(
             rotary = (cos, sin, Q // D, k_buf, v_buf, rows, cols)
             q, x = norm_project(layer.input_layernorm, x, delta, f.qkv, f.qkv_bias, fast, rotary=rotary)
             # attention reading the cache and its column mask in place, up to the chunk's end
-            colmask = getattr(cache, "colmask", None)
             if colmask is not None and kernels.attention_fits(q, k_buf):
                 o = kernels.decode_attention(q, k_buf, v_buf, rows, colmask, cols, attn.scaling)
             else:

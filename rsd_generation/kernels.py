@@ -507,7 +507,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     n = N if rotary is not None else width  # rows the kernel reads as features (pairs of them: ROTARY)
     if M == 1:
         _gemv[(triton.cdiv(features, block_n),)](
-            x2, w, b, g, r, out, n, K, w.stride(0), float(eps), second, *rope[:6], *rope[7:],
+            x2, w, b, g, r, out, n, K, w.stride(0), float(eps), second, *rope,
             HAS_BIAS=bias is not None, **fusions, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
@@ -578,8 +578,8 @@ if triton is not None:
         return i, i, i < N
 
     @triton.jit
-    def _gemv(X, Wt, B, G, R, OUT, N, K, stride_w, eps, second, C, S, KC, VC, KROWS, KCOLS, HQ, HKV, stride_krow,
-              stride_khead, stride_kcol, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+    def _gemv(X, Wt, B, G, R, OUT, N, K, stride_w, eps, second, C, S, KC, VC, KROWS, KCOLS, W, HQ, HKV,
+              stride_krow, stride_khead, stride_kcol, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
               RESIDUAL: tl.constexpr, ROTARY: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):  # fmt: skip
         """BLOCK_N output features per program: OUT = X Wt^T (+ B) for one token, products summed in float32 per
@@ -612,7 +612,7 @@ if triton is not None:
             scale = tl.math.rsqrt(tl.sum(squares, 0) / K + eps)
             y, up = y * scale, up * scale
         if ROTARY:
-            _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, 0, 1, 1, HQ, HKV, stride_krow,
+            _rotary_store(y, up, B, OUT, C, S, KC, VC, KROWS, KCOLS, i, n, live, 0, 1, W, HQ, HKV, stride_krow,
                           stride_khead, stride_kcol, HAS_BIAS, HALF, OUT.dtype.element_ty)  # fmt: skip
         else:
             out = _finish(y, up, B, R, n, 0, N, live, HAS_BIAS, GATED, RESIDUAL, OUT.dtype.element_ty)

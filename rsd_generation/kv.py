@@ -192,7 +192,7 @@ class RowCache:
         out = None
         for k, start in enumerate(range(0, ids.shape[1], width)):
             part = self.feed(ids[:, start : start + width], valid[:, start : start + width])  # part: [R, X]
-            out = part.clone() if out is None else out  # out: [R, X]
+            out = part if out is None else out  # out: [R, X], the first slice's (a tensor of its own)
             here = (ends == k).to(part.device)
             out[here] = part[here]
         return out
@@ -284,11 +284,11 @@ def _filled(layer) -> bool:
 
 def chunk_positions(seen: torch.Tensor, n: torch.Tensor, width: int) -> torch.Tensor:
     """Position ids `(R, width)` of a right-padded chunk: each row's positions go on from its `seen` `(R,)` valid
-    columns; padding past its `n` `(R,)` tokens repeats the last position."""
-    last = (seen + n - 1).clamp_min(0)[:, None]  # last: [R, 1]
-    if width == 1:  # one token (or none): its position is the last (three operations a decoded token, not six)
-        return last
-    return torch.minimum(seen[:, None] + torch.arange(width, device=seen.device), last)
+    columns; padding past its `n` `(R,)` tokens repeats the last position. One column: the row's next position,
+    padded or not (a padded position is masked, never read), so a decoded token computes none."""
+    if width == 1:
+        return seen[:, None]
+    return torch.minimum(seen[:, None] + torch.arange(width, device=seen.device), (seen + n - 1).clamp_min(0)[:, None])
 
 
 def gather_rows(valid: torch.Tensor, rows: torch.Tensor | None, R: int) -> torch.Tensor | None:

@@ -384,7 +384,7 @@ def _signatures(dtype: str) -> dict[str, list[tuple[dict, dict]]]:
     combine = {"PART": "*fp32", "STAT": "*fp32", "OUT": p} | {n: "i32" for n in ("so_n", "so_w", "so_h", "W", "G", "S")}
     gemv = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "N": "i32", "K": "i32", "stride_w": "i32",
             "eps": "fp32", "second": "i32", "C": p, "S": p, "KC": p, "VC": p, "KROWS": p, "KCOLS": p}  # fmt: skip
-    gemv |= {n: "i32" for n in ("HQ", "HKV", "stride_krow", "stride_khead", "stride_kcol")}
+    gemv |= {n: "i32" for n in ("W", "HQ", "HKV", "stride_krow", "stride_khead", "stride_kcol")}
     gemv_rotary = gemv | {"KROWS": "*i64", "KCOLS": "*i64"}  # the cache row and column of the token
     skinny = {"X": p, "Wt": p, "B": p, "G": p, "R": p, "OUT": p, "M": "i32", "N": "i32", "K": "i32",
               "stride_x": "i32", "stride_w": "i32", "eps": "fp32", "second": "i32", "C": p, "S": p, "KC": p,
